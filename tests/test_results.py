@@ -1,0 +1,60 @@
+"""After the smoke runs: each notebook wrote its results JSON with the contract's keys.
+
+Runs last (see conftest). A notebook not executed in this session (``pytest tests/``) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import NOTEBOOKS
+
+# The contract's metric keys (shared/DESIGN.md, "Results").
+METRIC_KEYS = {
+    "homework_1": {"test_accuracy", "best_epoch", "epochs_run", "sweep"},
+    "homework_2": {"test_accuracy", "test_accuracy_cnn", "test_accuracy_resnet", "schedules", "train_seconds"},
+    "homework_3": {"scratch", "imagenet", "radimagenet"},
+    "homework_4": {
+        "seg_iou", "seg_dice", "seg_ap50", "denoise_sigma",
+        "denoise_psnr_input", "denoise_psnr_unet", "denoise_psnr_baseline",
+    },
+    "homework_5": {"test_neg_elbo", "test_nll_iwae", "iwae_k"},
+}
+FRACTIONS = {"test_accuracy", "test_accuracy_cnn", "test_accuracy_resnet", "seg_iou", "seg_dice", "seg_ap50",
+             "macro_f1", "val_accuracy"}
+
+
+def _fractions_ok(obj, path="metrics"):
+    """Every key the contract calls a fraction lies in [0, 1], wherever it is nested."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in FRACTIONS:
+                assert isinstance(v, int | float) and 0.0 <= v <= 1.0, f"{path}.{k} = {v!r} is not in [0, 1]"
+            _fractions_ok(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _fractions_ok(v, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_results_json(name, results_dir, notebooks_run):
+    if name not in notebooks_run:
+        pytest.skip(f"{name} was not executed in this session (run a bare `pytest`)")
+    stem = name.removesuffix(".ipynb")
+    path = results_dir / f"{stem}.json"
+    assert path.exists(), f"{name} ran but wrote no {path.name} into DLCV_RESULTS_DIR"
+    data = json.loads(path.read_text())
+    assert data["notebook"] == stem
+    assert data["profile"] == "smoke"
+    assert data["device"] in {"cpu", "cuda", "mps"}
+    assert isinstance(data["torch"], str) and data["torch"]
+    assert data["data_source"] in {"real", "synthetic"}
+    assert isinstance(data["seconds"], int | float) and 0 < data["seconds"] < 3600
+    missing = METRIC_KEYS[stem] - set(data["metrics"])
+    assert not missing, f"{path.name} lacks the contract's metric keys {sorted(missing)}"
+    _fractions_ok(data["metrics"])
+    for key, value in data["metrics"].items():
+        if isinstance(value, float):
+            assert math.isfinite(value), f"{path.name}: metrics.{key} is {value}"
