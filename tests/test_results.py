@@ -14,7 +14,9 @@ from conftest import NOTEBOOKS
 # The contract's metric keys (shared/DESIGN.md, "Results").
 METRIC_KEYS = {
     "homework_1": {"test_accuracy", "best_epoch", "epochs_run", "sweep"},
-    "homework_2": {"test_accuracy", "test_accuracy_cnn", "test_accuracy_resnet", "schedules", "train_seconds"},
+    "homework_2": {
+        "test_accuracy", "test_accuracy_cnn", "test_accuracy_resnet", "schedules", "train_seconds",
+    },
     "homework_3": {"scratch", "imagenet", "radimagenet"},
     "homework_4": {
         "seg_iou", "seg_dice", "seg_ap50", "denoise_sigma",
