@@ -48,8 +48,11 @@ def test_starts_with_title_then_parameters_cell(name):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_papermill_can_set_the_profile(name):
     """`papermill -p PROFILE smoke` injects its cell right after ours and wins."""
-    papermill = pytest.importorskip("papermill.parameterize")
-    nb = papermill.parameterize_notebook(_read(name), {"PROFILE": "cpu"})
+    pytest.importorskip("papermill")
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    nb = parameterize_notebook(load_notebook_node(str(ROOT / name)), {"PROFILE": "cpu"})
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "injected-parameters" in code[1].metadata.get("tags", []), f"{name}: papermill injected elsewhere"
     scope: dict = {}
