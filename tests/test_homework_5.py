@@ -273,7 +273,6 @@ def test_training_is_deterministic_and_learns(hw):
 
 
 def test_cpu_profile_setup(hw):
-    assert hw.amp_settings(CPU) == (None, False)
     assert hw.resolve_profile("smoke", CPU) == "smoke"
     with pytest.raises(ValueError):
         hw.resolve_profile("huge", CPU)

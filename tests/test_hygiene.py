@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -108,10 +109,115 @@ def test_lint():
     """ruff over tests/ and, through nbqa, over the notebooks (install requirements-dev.txt)."""
     if shutil.which("ruff") is None:
         pytest.skip("ruff is not installed: pip install -r requirements-dev.txt")
-    cmd = [sys.executable, "-m", "ruff", "check", "tests"]
+    cmd = [sys.executable, "-m", "ruff", "check", "tests", "tools"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     if shutil.which("nbqa") is None:
         pytest.skip("nbqa is not installed: pip install -r requirements-dev.txt")
     out = subprocess.run(["nbqa", "ruff", *NOTEBOOKS], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- reading order (contract v2): the topic within three screens, plumbing collapsed ------------------------
+MAX_CELL_LINES = 60
+SCREENS_OF_SETUP = 150  # three screens of about 50 lines each
+
+
+def _tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def _setup_section(nb):
+    """The cells tagged `setup`: they must follow the parameters cell without a gap."""
+    start = next(i for i, c in enumerate(nb.cells) if "parameters" in _tags(c)) + 1
+    end = start
+    while end < len(nb.cells) and "setup" in _tags(nb.cells[end]):
+        end += 1
+    return start, end
+
+
+def _collapsed(cell) -> bool:
+    meta = cell.get("metadata", {})
+    return (meta.get("jupyter", {}).get("source_hidden") is True and meta.get("cellView") == "form"
+            and cell.source.startswith("# @title "))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_code_cell_is_longer_than_a_screen(name):
+    long = {i: len(c.source.splitlines()) for i, c in enumerate(_read(name).cells)
+            if c.cell_type == "code" and len(c.source.splitlines()) > MAX_CELL_LINES}
+    assert not long, f"{name}: code cells {long} (index: lines) are over {MAX_CELL_LINES} lines; split them"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_setup_is_collapsed_and_the_topic_starts_within_three_screens(name):
+    nb = _read(name)
+    start, end = _setup_section(nb)
+    assert end > start, f"{name}: tag the setup cells (heading, helpers, run setup) 'setup', right after parameters"
+    heading = nb.cells[start]
+    assert heading.cell_type == "markdown" and heading.source.startswith("## "), (
+        f"{name}: the setup section opens with a '## ' heading")
+    assert re.search(r"need not|no need", heading.source, re.I), (
+        f"{name}: the setup heading says that these cells need not be read")
+    tagged = [i for i, c in enumerate(nb.cells) if "setup" in _tags(c) or "shared" in _tags(c)]
+    assert all(start <= i < end for i in tagged), f"{name}: setup/shared cells {tagged} lie outside {start}..{end}"
+    for i in range(start, end):
+        cell = nb.cells[i]
+        if cell.cell_type == "code" and ("lib" in _tags(cell) or "packages" in _tags(cell)):
+            assert _collapsed(cell), (f"{name} cell {i}: collapse it (metadata jupyter.source_hidden, "
+                                      "cellView 'form', first line '# @title …')")
+    visible = 0
+    for cell in nb.cells[:end]:
+        visible += 1 if cell.cell_type == "code" and _collapsed(cell) else len(cell.source.splitlines()) + 1
+    assert visible <= SCREENS_OF_SETUP, (
+        f"{name}: {visible} visible lines before the topic starts (at most {SCREENS_OF_SETUP}, three screens)")
+
+
+# --- packages: what a notebook imports is checked at its top and listed in requirements.txt ----------------
+def _third_party_imports(nb) -> set[str]:
+    found = set()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names}
+
+
+def _requirement_names() -> set[str]:
+    names = set()
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.add(re.split(r"[<>=!~\[; ]", line)[0].lower())
+    return names
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_packages_checked_first_and_listed_in_requirements(name):
+    nb = _read(name)
+    cells = [c for c in nb.cells if "packages" in _tags(c)]
+    assert len(cells) == 1, f"{name}: one code cell tagged 'packages' checks the imports before they fail"
+    first_shared = next(i for i, c in enumerate(nb.cells) if "shared" in _tags(c))
+    assert nb.cells.index(cells[0]) < first_shared, f"{name}: check packages before the shared helpers import them"
+    scope: dict = {}
+    exec(compile(ast.parse(cells[0].source), name, "exec"), scope)  # passes here: everything is installed
+    needs = scope["NEEDS"]
+    imported = _third_party_imports(nb)
+    assert imported <= set(needs), f"{name}: imports {sorted(imported - set(needs))} that NEEDS does not check"
+    missing = {pip.lower() for pip in needs.values()} - _requirement_names()
+    assert not missing, f"requirements.txt lacks {sorted(missing)}, which {name} needs"
+
+
+def test_packages_cell_names_the_install_command(monkeypatch):
+    """With a package missing, the cell stops with the one-line command that installs it."""
+    import importlib.util
+
+    cell = next(c for c in _read(NOTEBOOKS[0]).cells if "packages" in _tags(c))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "tqdm" else real(m, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"%pip install tqdm"):
+        exec(cell.source, {})

@@ -57,6 +57,44 @@ def test_results_json(name, results_dir, notebooks_run):
     missing = METRIC_KEYS[stem] - set(data["metrics"])
     assert not missing, f"{path.name} lacks the contract's metric keys {sorted(missing)}"
     _fractions_ok(data["metrics"])
-    for key, value in data["metrics"].items():
-        if isinstance(value, float):
-            assert math.isfinite(value), f"{path.name}: metrics.{key} is {value}"
+    _finite(data["metrics"], f"{path.name}: metrics")
+    assert data["precision"] in {"fp32", "bf16", "fp16"}, f"{path.name}: precision {data.get('precision')!r}"
+    lessons = data["lessons"]
+    assert isinstance(lessons, dict) and lessons, f"{path.name}: no lessons recorded (contract v2, 'Lessons')"
+    for key, lesson in lessons.items():
+        assert isinstance(lesson.get("evidence"), str) and lesson["evidence"].strip(), f"lesson {key}: no evidence"
+        if lesson.get("unavailable"):
+            assert lesson["holds"] is None, f"lesson {key} is unavailable, so it neither held nor failed"
+        else:
+            assert isinstance(lesson["holds"], bool), f"lesson {key}: holds must be true or false"
+    RELATIONS.get(stem, lambda m: None)(data["metrics"])
+
+
+def _finite(obj, path):
+    """Every number, at every depth, is finite."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _finite(v, f"{path}[{i}]")
+    elif isinstance(obj, float):
+        assert math.isfinite(obj), f"{path} is {obj}"
+
+
+def _homework_4(m):
+    """Gaussian noise of std σ on [0, 1] images: PSNR = −20·log10 σ, or higher when clipping to [0, 1] (it can
+    only move a noisy value closer to the clean one)."""
+    expected = -20 * math.log10(m["denoise_sigma"])
+    if m.get("denoise_input_clipped"):
+        assert m["denoise_psnr_input"] >= expected - 0.3, (m["denoise_psnr_input"], expected)
+    else:
+        assert abs(m["denoise_psnr_input"] - expected) <= 0.3, (m["denoise_psnr_input"], expected)
+
+
+def _homework_5(m):
+    """The importance-weighted bound is at least as tight as the ELBO (up to Monte-Carlo noise)."""
+    assert m["test_nll_iwae"] <= m["test_neg_elbo"] + 0.5, (m["test_nll_iwae"], m["test_neg_elbo"])
+
+
+RELATIONS = {"homework_4": _homework_4, "homework_5": _homework_5}

@@ -1,0 +1,133 @@
+"""Build the student editions `student/homework_N.ipynb` from the complete notebooks.
+
+    python3 tools/build_student.py           # (re)write student/ for every notebook with exercises
+    python3 tools/build_student.py --check   # exit 1 when a committed edition differs from a fresh build
+
+The complete notebooks mark exercises the way nbgrader does, so a teacher can also use nbgrader:
+
+* a solution region inside a code cell, from a line holding ``BEGIN SOLUTION`` to a line holding
+  ``END SOLUTION``; the BEGIN line names the exercise: ``### BEGIN SOLUTION Exercise 1.2: MLP.forward``.
+  The student sees the region replaced by ``raise NotImplementedError("Exercise 1.2: MLP.forward — …")``
+  at the same indentation;
+* answers to the written questions in markdown cells tagged ``answer``: removed (they are the key).
+
+Outputs and execution counts are cleared, and the title cell says that this is the student edition and
+where the complete one is. A notebook without exercises gets no student edition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDENT_DIR = ROOT / "student"
+BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"
+LABEL = re.compile(r"BEGIN SOLUTION\s+(Exercise\s+\d+\.\d+:\s*\S.*?)\s*$")
+
+
+class MarkerError(ValueError):
+    """Solution markers that do not pair up, or a BEGIN line that does not name its exercise."""
+
+
+def clear_solutions(source: str, where: str) -> tuple[str, list[str]]:
+    """`source` with each solution region replaced by a stub; also returns the exercise labels."""
+    out, labels, region = [], [], None
+    for number, line in enumerate(source.splitlines(), 1):
+        if BEGIN in line:
+            if region is not None:
+                raise MarkerError(f"{where}, line {number}: BEGIN SOLUTION inside the region opened on line "
+                                  f"{region}; close it with END SOLUTION first")
+            match = LABEL.search(line)
+            if not match:
+                raise MarkerError(f"{where}, line {number}: name the exercise on the marker line, e.g. "
+                                  "'### BEGIN SOLUTION Exercise 1.2: MLP.forward'")
+            label = match.group(1)
+            indent = line[: len(line) - len(line.lstrip())]
+            message = f"{label} — write your code here, then run the check cell below."
+            out.append(f"{indent}# {label}: your code here")
+            out.append(f"{indent}raise NotImplementedError({message!r})")
+            labels.append(label)
+            region = number
+        elif END in line:
+            if region is None:
+                raise MarkerError(f"{where}, line {number}: END SOLUTION without a BEGIN SOLUTION")
+            region = None
+        elif region is None:
+            out.append(line)
+    if region is not None:
+        raise MarkerError(f"{where}: the solution region opened on line {region} is never closed")
+    return "\n".join(out), labels
+
+
+def has_exercises(nb) -> bool:
+    return any((c.cell_type == "code" and BEGIN in c.source)
+               or (c.cell_type == "markdown" and "answer" in c.get("metadata", {}).get("tags", []))
+               for c in nb.cells)
+
+
+def student_edition(nb, name: str):
+    """(student notebook, exercise labels in order) built from the complete notebook `nb`."""
+    nb = copy.deepcopy(nb)
+    cells, labels = [], []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and "answer" in cell.get("metadata", {}).get("tags", []):
+            continue
+        if cell.cell_type == "code":
+            cell.source, found = clear_solutions(cell.source, f"{name} cell {i}")
+            labels += found
+            cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
+    title = cells[0]
+    if title.cell_type != "markdown" or not title.source.startswith("# "):
+        raise MarkerError(f"{name}: the first cell must be the markdown title")
+    head, _, rest = title.source.partition("\n")
+    title.source = (f"{head} (student edition)\n\n"
+                    f"> **Student edition.** The exercises are left for you: each one raises "
+                    f"`NotImplementedError` until you write it, and the check cell after it tells you whether "
+                    f"it works. The complete notebook with the solutions is `{name}` in the course "
+                    f"repository (answers to the written questions are in it too).\n{rest}")
+    nb.cells = cells
+    return nb, labels
+
+
+def build(check: bool = False) -> list[str]:
+    """Write (or, with `check`, compare) every student edition; returns the names that changed."""
+    changed = []
+    for path in sorted(ROOT.glob("homework_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        if not has_exercises(nb):
+            continue
+        student, labels = student_edition(nb, path.name)
+        if not labels:
+            raise MarkerError(f"{path.name}: answer cells but no code exercise; a student edition needs one")
+        text = nbformat.writes(student) + "\n"
+        target = STUDENT_DIR / path.name
+        if not target.exists() or target.read_text() != text:
+            changed.append(path.name)
+            if not check:
+                target.parent.mkdir(exist_ok=True)
+                target.write_text(text)
+        print(f"{path.name}: {len(labels)} exercises ({', '.join(lab.split(':')[0] for lab in labels)})")
+    return changed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with student/, change nothing")
+    args = parser.parse_args(argv)
+    changed = build(check=args.check)
+    if args.check and changed:
+        print(f"out of date: {', '.join(changed)}; run python3 tools/build_student.py")
+        return 1
+    print(f"{'differ' if args.check else 'written'}: {', '.join(changed) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

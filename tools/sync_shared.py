@@ -1,0 +1,84 @@
+"""Copy the shared setup helpers from tools/shared_cells.py into every homework notebook.
+
+The helpers must be textually identical in all five notebooks (each notebook runs as the only file
+present, so they cannot be imported from a module). Edit `tools/shared_cells.py`, then run
+
+    python3 tools/sync_shared.py            # rewrite the notebooks' cells tagged `shared`
+    python3 tools/sync_shared.py --check    # exit 1 if a notebook differs (the tests do the same)
+
+Each `# %%` block of shared_cells.py becomes one code cell tagged lib/shared/setup, collapsed in
+JupyterLab and Notebook 7 (`jupyter.source_hidden`) and shown as a form in Colab (`cellView: form` and
+its first line `# @title ...`). The cells replace the notebook's current shared cells in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "tools" / "shared_cells.py"
+TAGS = ["lib", "shared", "setup"]
+
+
+def shared_sources(path: Path = SOURCE) -> list[str]:
+    """The code of each `# %%` block of `path`, stripped of surrounding blank lines."""
+    blocks, current = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("# %%"):
+            if current is not None:
+                blocks.append("\n".join(current).strip("\n"))
+            current = []
+        elif current is not None:
+            current.append(line)
+    if current is not None:
+        blocks.append("\n".join(current).strip("\n"))
+    return blocks
+
+
+def collapsed_code_cell(source: str, cell_id: str, tags) -> nbformat.NotebookNode:
+    """A code cell that JupyterLab, Notebook 7 and Colab show collapsed (its `# @title` line only)."""
+    if not source.startswith("# @title "):
+        raise ValueError(f"cell {cell_id}: a collapsed cell starts with '# @title <what it holds>'")
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": list(tags), "cellView": "form",
+                                                        "jupyter": {"source_hidden": True}})
+    cell.id = cell_id
+    return cell
+
+
+def synced(nb: nbformat.NotebookNode, sources: list[str]) -> nbformat.NotebookNode:
+    """`nb` with its cells tagged `shared` replaced, in place, by one cell per source."""
+    positions = [i for i, c in enumerate(nb.cells) if "shared" in c.get("metadata", {}).get("tags", [])]
+    if not positions:
+        raise ValueError("no cell is tagged 'shared': tag the cell the shared helpers should replace")
+    new = [collapsed_code_cell(src, f"shared-{k + 1}", TAGS) for k, src in enumerate(sources)]
+    keep = [c for i, c in enumerate(nb.cells) if i not in positions]
+    at = positions[0]
+    nb.cells = keep[:at] + new + keep[at:]
+    return nb
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report notebooks that differ; change nothing")
+    args = parser.parse_args(argv)
+    sources = shared_sources()
+    stale = []
+    for path in sorted(ROOT.glob("homework_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        before = nbformat.writes(nb)
+        after = nbformat.writes(synced(nb, sources))
+        if before != after:
+            stale.append(path.name)
+            if not args.check:
+                nbformat.write(nbformat.reads(after, as_version=4), path)
+    verb = "differ from" if args.check else "updated from"
+    print(f"{len(stale)} notebook(s) {verb} {SOURCE.relative_to(ROOT)}: {', '.join(stale) or '-'}")
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
