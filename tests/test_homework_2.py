@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -185,112 +184,13 @@ def test_normalize_uint8(hw):
 
 
 # ------------------------------------------------------------------------------------------------ data
-@pytest.fixture
-def tiny_cifar(hw, tmp_path):
-    return hw.write_synthetic_cifar10(tmp_path / "cifar10", 3, 2, seed=0)
-
-
-def test_folder_roundtrip_and_cache(hw, tiny_cifar, tmp_path):
-    cache = tmp_path / "cache"
-    data = hw.load_cifar10("folder", tiny_cifar, cache)
-    assert data["x_train"].shape == (30, 3, 32, 32) and data["x_train"].dtype == torch.uint8
-    assert data["y_test"].tolist() == [c for c in range(10) for _ in range(2)]
-    from PIL import Image
-
-    with Image.open(tiny_cifar / "train" / "cat" / "0001.png") as im:  # sorted: cat is label 3, 2nd file
-        assert torch.equal(data["x_train"][3 * 3 + 1], torch.from_numpy(np.array(im)).permute(2, 0, 1))
-    assert len(list(cache.glob("cifar10-*.npz"))) == 1
-    again = hw.load_cifar10("folder", tiny_cifar, cache)
-    assert all(torch.equal(data[k], again[k]) for k in data)
-
-
-def test_missing_class_folder_is_named(hw, tiny_cifar):
-    import shutil
-
-    shutil.rmtree(tiny_cifar / "train" / "frog")
-    with pytest.raises(hw.DataLayoutError, match="frog"):
-        hw.load_cifar10("folder", tiny_cifar)
-
-
-def test_empty_class_folder_is_named(hw, tiny_cifar):
-    for f in (tiny_cifar / "test" / "ship").iterdir():
-        f.unlink()
-    with pytest.raises(hw.DataLayoutError, match=r"ship.*no \.png"):
-        hw.load_cifar10("folder", tiny_cifar)
-
-
-def test_corrupt_image_is_named(hw, tiny_cifar):
-    bad = tiny_cifar / "train" / "dog" / "0001.png"
-    bad.write_bytes(b"this is not a png")
-    with pytest.raises(hw.DataLayoutError, match="0001.png"):
-        hw.load_cifar10("folder", tiny_cifar)
-
-
-def test_wrong_layout(hw, tmp_path):
-    (tmp_path / "cifar10" / "images").mkdir(parents=True)
-    with pytest.raises(hw.DataLayoutError, match="train/ and test/"):
-        hw.load_cifar10("folder", tmp_path / "cifar10")
-
-
-def test_other_image_sizes_are_resized(hw, tiny_cifar):
-    from PIL import Image
-
-    Image.new("L", (40, 28), color=77).save(tiny_cifar / "train" / "deer" / "0000.png")
-    x, _ = hw.read_image_split(tiny_cifar / "train")
-    assert x.shape[1:] == (3, 32, 32) and int(x[4 * 3, 0, 5, 5]) == 77
-
-
-def _write_batches(folder, n=4):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"labels": rng.integers(0, 10, n).tolist()}, f)
-
-
-def test_official_batches(hw, tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    _write_batches(folder)
-    data = hw.read_cifar_batches(folder)
-    assert data["x_train"].shape == (20, 3, 32, 32) and data["x_test"].shape == (4, 3, 32, 32)
-    (folder / "data_batch_3").unlink()
-    with pytest.raises(hw.DataLayoutError, match="data_batch_3"):
-        hw.read_cifar_batches(folder)
-
-
-def test_find_data_order_and_errors(hw, tmp_path, tiny_cifar):
-    cache = tmp_path / "cache"
-    kind, path, _, source = hw.find_data(str(tmp_path), None, cache, "cpu", offline=True)
-    assert (kind, path, source) == ("folder", tiny_cifar, "real")
-    with pytest.raises(hw.DataNotFoundError) as err:
-        hw.find_data(str(tmp_path / "nowhere"), tmp_path / "no_kaggle", cache, "cpu", offline=True)
-    msg = str(err.value)
-    assert "DLCV_DATA_DIR" in msg and "DLCV_OFFLINE" in msg and "internet" in msg
-    kaggle = tmp_path / "kaggle" / "some-dataset" / "v1"
-    _write_batches(kaggle / "cifar-10-batches-py")
-    kind, path, origin, _ = hw.find_data(None, tmp_path / "kaggle", cache, "cpu", offline=True)
-    assert kind == "batches" and path == kaggle / "cifar-10-batches-py" and "Kaggle" in origin
-
-
-def test_smoke_falls_back_to_synthetic_files(hw, tmp_path):
-    kind, path, _, source = hw.find_data(None, None, tmp_path / "cache", "smoke", offline=True,
-                                         synthetic_per_class=(2, 1))
-    assert (kind, source) == ("folder", "synthetic")
-    data = hw.load_cifar10(kind, path)  # the real folder parser reads the synthetic PNGs
-    assert data["x_train"].shape == (20, 3, 32, 32) and torch.bincount(data["y_train"]).tolist() == [2] * 10
-
-
-def test_stratified_sample_is_seeded_and_balanced(hw):
-    labels = torch.arange(10).repeat_interleave(100)
-    a = hw.stratified_sample(labels, 200, seed=3)
-    assert torch.equal(a, hw.stratified_sample(labels, 200, seed=3))
-    assert not torch.equal(a, hw.stratified_sample(labels, 200, seed=4))
-    assert torch.bincount(labels[a], minlength=10).tolist() == [20] * 10
-    assert not torch.equal(a, torch.arange(200))  # not the first N
+def test_stratified_split_on_class_sorted_labels(hw):
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, as folders are listed
     tr, va = hw.stratified_split(labels, 0.1, seed=0)
     assert len(set(tr.tolist()) & set(va.tolist())) == 0 and len(tr) + len(va) == 1000
-    assert torch.bincount(labels[va], minlength=10).tolist() == [10] * 10
+    assert torch.bincount(labels[va], minlength=10).tolist() == [10] * 10  # the last 100 would be one class
+    assert torch.equal(va, hw.stratified_split(labels, 0.1, seed=0)[1])
+    assert not torch.equal(va, hw.stratified_split(labels, 0.1, seed=1)[1])
 
 
 # --------------------------------------------------------------------------------- training machinery

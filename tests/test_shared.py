@@ -28,16 +28,18 @@ def sh():
 
 
 def test_shared_cells_are_identical():
-    """Same text in every notebook, and the same as tools/shared_cells.py (python3 tools/sync_shared.py)."""
+    """Same text in every notebook of a group, and the same as its file in tools/ (tools/sync_shared.py)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tools"))
     import sync_shared
 
-    canonical = sync_shared.shared_sources()
-    for name in NOTEBOOKS:
-        cells = cells_with_tag(nbformat.read(ROOT / name, as_version=4), "shared")
-        assert [c.source for c in cells] == canonical, f"{name}: run python3 tools/sync_shared.py"
+    assert set(sync_shared.GROUPS["shared"][1]) == set(NOTEBOOKS)
+    for tag, (source, names) in sync_shared.GROUPS.items():
+        canonical = sync_shared.shared_sources(source)
+        for name in names:
+            cells = cells_with_tag(nbformat.read(ROOT / name, as_version=4), tag)
+            assert [c.source for c in cells] == canonical, f"{name} ({tag}): run python3 tools/sync_shared.py"
 
 
 # --- the device rule -------------------------------------------------------------------------------------
