@@ -1,21 +1,14 @@
-"""Test configuration shared by the unit tests and the notebook runs.
+"""Fixtures and ordering shared by the unit tests and the notebook runs.
 
-Every notebook is executed by nbval (``--nbval-lax``) in the ``smoke`` profile. The environment is
-fixed here, at import time, before any kernel starts, so the kernels inherit it:
-
-* ``DLCV_PROFILE=smoke``: small data, 1-2 epochs, every section still runs;
-* ``DLCV_RESULTS_DIR``: a temporary folder, checked by ``test_results.py`` after the notebooks ran;
-* ``DLCV_OFFLINE=1`` and a temporary ``DLCV_CACHE_DIR``: no download is tried, so the run is the same
-  with or without a network, and the notebooks fall back to their synthetic stand-in data;
-* ``DLCV_DATA_DIR`` and ``DLCV_WEIGHTS_DIR`` are removed, so nothing outside the repository and the
-  temporary folder is read.
+Every notebook is executed by nbval (``--nbval-lax``) in the ``smoke`` profile; the environment for that
+(smoke profile, offline, temporary results and cache folders) is set by the repository's root
+``conftest.py``, which pytest loads first, before any kernel starts.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,18 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_TMP = Path(tempfile.mkdtemp(prefix="dlcv-pytest-"))
-RESULTS_DIR = _TMP / "results"
-RESULTS_DIR.mkdir()
-
-os.environ["DLCV_PROFILE"] = "smoke"
-os.environ["DLCV_RESULTS_DIR"] = str(RESULTS_DIR)
-os.environ["DLCV_CACHE_DIR"] = str(_TMP / "cache")
-os.environ["DLCV_OFFLINE"] = "1"
-os.environ.pop("DLCV_DATA_DIR", None)
-os.environ.pop("DLCV_WEIGHTS_DIR", None)
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+RESULTS_DIR = Path(os.environ["DLCV_RESULTS_DIR"])  # set by the root conftest.py
 
 NOTEBOOKS = sorted(p.name for p in ROOT.glob("homework_*.ipynb"))
 

@@ -109,7 +109,7 @@ def test_lint():
     """ruff over tests/ and, through nbqa, over the notebooks (install requirements-dev.txt)."""
     if shutil.which("ruff") is None:
         pytest.skip("ruff is not installed: pip install -r requirements-dev.txt")
-    cmd = [sys.executable, "-m", "ruff", "check", "tests", "tools"]
+    cmd = [sys.executable, "-m", "ruff", "check", "conftest.py", "tests", "tools"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     if shutil.which("nbqa") is None:
