@@ -10,8 +10,9 @@ import sys
 
 import nbformat
 import pytest
-from conftest import NOTEBOOKS, ROOT
 from nbload import cells_with_tag, load_lib
+
+from conftest import NOTEBOOKS, ROOT
 
 pytestmark = pytest.mark.skipif(not NOTEBOOKS, reason="no homework notebook written yet")
 
