@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from conftest import ROOT
 
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"

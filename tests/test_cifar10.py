@@ -15,8 +15,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from nbload import load_lib
 from PIL import Image
+
+from nbload import load_lib
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from nbload import load_lib
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
+
+from nbload import load_lib
 
 FP32 = {"name": "fp32", "amp_dtype": None, "scaler": False, "channels_last": False}
 BF16 = {"name": "bf16", "amp_dtype": torch.bfloat16, "scaler": False, "channels_last": True}

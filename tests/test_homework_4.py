@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from nbload import load_lib
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import f1_score, jaccard_score
+
+from nbload import load_lib
 
 CPU = torch.device("cpu")
 FP32 = dict(name="fp32", amp_dtype=None, scaler=False, channels_last=True)

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+
 from conftest import NOTEBOOKS
 
 # The contract's metric keys (shared/DESIGN.md, "Results").

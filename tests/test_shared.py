@@ -16,6 +16,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
+
 from conftest import NOTEBOOKS, ROOT
 from nbload import cells_with_tag, load_lib
 

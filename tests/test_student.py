@@ -6,6 +6,7 @@ import sys
 
 import nbformat
 import pytest
+
 from conftest import NOTEBOOKS, ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
