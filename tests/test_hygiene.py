@@ -10,9 +10,9 @@ import sys
 
 import nbformat
 import pytest
-from nbload import cells_with_tag, load_lib
 
 from conftest import NOTEBOOKS, ROOT
+from nbload import cells_with_tag, load_lib
 
 pytestmark = pytest.mark.skipif(not NOTEBOOKS, reason="no homework notebook written yet")
 
@@ -185,7 +185,8 @@ def _third_party_imports(nb) -> set[str]:
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return {m for m in found if m not in sys.stdlib_module_names}
+    # IPython is the kernel every notebook runs in (ipykernel needs it), not a package a notebook could lack
+    return {m for m in found if m not in sys.stdlib_module_names and m != "IPython"}
 
 
 def _requirement_names() -> set[str]:
