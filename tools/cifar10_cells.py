@@ -97,8 +97,7 @@ def find_cifar10(folders: dict, profile: str, kaggle_root="/kaggle/input", synth
         except Exception as err:  # no internet, DNS failure, timeout, corrupt archive, disk full ...
             tried.append(f"download with torchvision into {cached}: failed ({type(err).__name__}: {err})")
     if profile == "smoke":
-        root = Path(tempfile.mkdtemp(prefix="dlcv-cifar10-synthetic-"))
-        write_synthetic_cifar10(root, *synthetic_per_class, seed=seed)
+        root = write_synthetic_cifar10(tempfile.mkdtemp(prefix="dlcv-cifar10-"), *synthetic_per_class, seed=seed)
         return "folder", root, f"synthetic stand-in written to {root} (NOT CIFAR-10)", "synthetic"
     raise data_error("CIFAR-10", tried, CIFAR10_FIXES)
 
