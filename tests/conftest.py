@@ -7,8 +7,11 @@ Every notebook is executed by nbval (``--nbval-lax``) in the ``smoke`` profile; 
 
 from __future__ import annotations
 
+import http.server
 import os
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,42 @@ def results_dir() -> Path:
 @pytest.fixture(scope="session")
 def notebooks_run(pytestconfig) -> set[str]:
     return getattr(pytestconfig, "dlcv_notebooks_run", set())
+
+
+# --- a file server on 127.0.0.1 for the download tests (nothing else is contacted) ----------------------------
+@dataclass
+class Loopback:
+    """What the server serves: ``routes[path] = (body, declared Content-Length or None)``; ``hits``: paths asked."""
+
+    url: str = ""
+    routes: dict = field(default_factory=dict)
+    hits: list = field(default_factory=list)
+
+
+@pytest.fixture()
+def loopback():
+    """A threaded HTTP server on 127.0.0.1 for one test: 404 for unknown paths, a declared Content-Length
+    that may differ from the body (to simulate a truncated download)."""
+    state = Loopback()
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            state.hits.append(self.path)
+            body, declared = state.routes.get(self.path, (None, None))
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(declared if declared is not None else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()

@@ -6,11 +6,9 @@ Tested once, as loaded from homework 1; test_shared.py proves homework 2 holds t
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import pickle
 import tarfile
-import threading
 
 import numpy as np
 import pytest
@@ -149,30 +147,11 @@ def test_smoke_falls_back_to_a_synthetic_stand_in_in_the_real_layout(cf, tmp_pat
 
 
 # --- the download, against a server on 127.0.0.1 ------------------------------------------------------------
-class _Files(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        body, declared = self.routes.get(self.path, (None, None))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(declared or len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def server(monkeypatch):
+def server(loopback, monkeypatch):
     """A loopback server, with torchvision's CIFAR10 pointed at it and told the tiny archive's MD5s."""
     import torchvision
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     files = _batches()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -182,17 +161,14 @@ def server(monkeypatch):
             tar.addfile(info, io.BytesIO(blob))
     archive = buf.getvalue()
     md5 = {name: hashlib.md5(blob).hexdigest() for name, blob in files.items()}
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    base = loopback.url
     cls = torchvision.datasets.CIFAR10
     monkeypatch.setattr(cls, "url", f"{base}/cifar-10-python.tar.gz")
     monkeypatch.setattr(cls, "tgz_md5", hashlib.md5(archive).hexdigest())
     monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
     monkeypatch.setattr(cls, "test_list", [["test_batch", md5["test_batch"]]])
     monkeypatch.setattr(cls, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
-    yield base, _Files.routes, archive
-    httpd.shutdown()
-    httpd.server_close()
-    _Files.routes.clear()
+    return base, loopback.routes, archive
 
 
 def test_download_is_used_and_cached_once(cf, tmp_path, server):

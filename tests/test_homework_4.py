@@ -7,8 +7,6 @@ leaves in the cache).
 
 from __future__ import annotations
 
-import http.server
-import threading
 import zipfile
 
 import numpy as np
@@ -612,35 +610,9 @@ def test_find_data_order_and_errors(hw, tmp_path, monkeypatch):
 
 
 # --- the StarDist zip, served from 127.0.0.1 ------------------------------------------------------------------
-class _Files(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-    hits: list = []
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        self.hits.append(self.path)
-        body, declared = self.routes.get(self.path, (None, None))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(declared if declared is not None else len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Files.routes, _Files.hits
-    httpd.shutdown()
-    httpd.server_close()
-    _Files.routes.clear()
-    _Files.hits.clear()
+def server(loopback):
+    return loopback.url, loopback.routes, loopback.hits
 
 
 def _dsb_zip(hw, tmp_path, layout=True) -> bytes:

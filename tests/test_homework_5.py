@@ -10,9 +10,7 @@ import ast
 import copy
 import gzip
 import hashlib
-import http.server
 import math
-import threading
 
 import nbformat
 import numpy as np
@@ -510,32 +508,9 @@ def test_smoke_falls_back_to_learnable_synthetic_data(hw, tmp_path):
 # ---------------------------------------------------------------- the MNIST download, against a server on 127.0.0.1
 
 
-class _Files(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        body, declared = self.routes.get(self.path, (None, None))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(declared if declared is not None else len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Files.routes
-    httpd.shutdown()
-    httpd.server_close()
-    _Files.routes.clear()
+def server(loopback):
+    return loopback.url, loopback.routes
 
 
 @pytest.fixture()

@@ -6,9 +6,7 @@ the other notebooks hold the very same text.
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import zipfile
 from pathlib import Path
 
@@ -256,32 +254,9 @@ def test_data_error_lists_what_was_tried_and_only_the_given_fixes(sh):
 
 
 # --- downloads, against a server on 127.0.0.1 ---------------------------------------------------------------
-class _Files(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        body, declared = self.routes.get(self.path, (None, None))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(declared if declared is not None else len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Files.routes
-    httpd.shutdown()
-    httpd.server_close()
-    _Files.routes.clear()
+def server(loopback):
+    return loopback.url, loopback.routes
 
 
 def _zip_bytes(tmp_path) -> bytes:
