@@ -223,3 +223,45 @@ def test_packages_cell_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "tqdm" else real(m, *a))
     with pytest.raises(ModuleNotFoundError, match=r"%pip install tqdm"):
         exec(cell.source, {})
+
+
+# --- (v3) the size of the machinery: shared cells ≤ 150 and collapsed setup ≤ 350 non-blank lines ------------
+MAX_SHARED_LINES = 150
+MAX_SETUP_LINES = 350
+
+
+def _nonblank(cell) -> int:
+    return sum(1 for line in cell.source.splitlines() if line.strip())
+
+
+def machinery_lines(nb) -> tuple[int, int]:
+    """(shared, setup) non-blank code lines: setup = every code cell collapsed or tagged `setup`."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    shared = sum(_nonblank(c) for c in code if "shared" in _tags(c))
+    setup = sum(_nonblank(c) for c in code
+                if "setup" in _tags(c) or c.get("metadata", {}).get("jupyter", {}).get("source_hidden"))
+    return shared, setup
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_machinery_stays_small(name, capsys):
+    shared, setup = machinery_lines(_read(name))
+    with capsys.disabled():
+        print(f"\n{name}: shared {shared} / {MAX_SHARED_LINES}, collapsed setup {setup} / {MAX_SETUP_LINES} "
+              "non-blank lines")
+    assert shared <= MAX_SHARED_LINES, f"{name}: the shared cells hold {shared} non-blank lines"
+    assert setup <= MAX_SETUP_LINES, f"{name}: collapsed or setup cells hold {setup} non-blank lines; cut machinery"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_synthetic_data_or_home_made_downloads_in_the_notebook(name):
+    """Synthetic stand-ins are test data (tests/synthetic.py); downloads use the libraries' own tools."""
+    defined = set()
+    for cell in _read(name).cells:
+        if cell.cell_type == "code":
+            defined |= {n.name for n in ast.walk(ast.parse(cell.source))
+                        if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    offenders = {n for n in defined if re.search(r"synthetic|atomic_write|download_file|urlopen", n, re.I)}
+    assert not offenders, f"{name} defines {sorted(offenders)}"
+    text = "\n".join(c.source for c in _read(name).cells if c.cell_type == "code")
+    assert "urllib.request" not in text, f"{name}: download with torchvision, torch.hub or kagglehub"

@@ -3,13 +3,14 @@
     python3 tools/build_student.py           # (re)write student/ for every notebook with exercises
     python3 tools/build_student.py --check   # exit 1 when a committed edition differs from a fresh build
 
-The complete notebooks mark exercises the way nbgrader does, so a teacher can also use nbgrader:
+The complete notebooks mark exercises exactly as nbgrader does, so a teacher can also use nbgrader:
 
-* a solution region inside a code cell, from a line holding ``BEGIN SOLUTION`` to a line holding
-  ``END SOLUTION``; the BEGIN line names the exercise: ``### BEGIN SOLUTION Exercise 1.2: MLP.forward``.
-  The student sees the region replaced by ``raise NotImplementedError("Exercise 1.2: MLP.forward — …")``
-  at the same indentation;
-* answers to the written questions in markdown cells tagged ``answer``: removed (they are the key).
+* a solution region inside a code cell: a line ``### BEGIN SOLUTION`` and a line ``### END SOLUTION``,
+  each alone on its line; the comment line just above BEGIN names the exercise (``# Exercise 1.2: the
+  forward pass``). The student sees the region replaced by
+  ``raise NotImplementedError("Exercise 1.2: the forward pass — …")`` at the same indentation;
+* answers to the written questions in markdown cells tagged ``answer``: removed (they are the key), and
+  replaced by an empty "Your answer" markdown cell for the student.
 
 Outputs and execution counts are cleared, and the title cell says that this is the student edition and
 where the complete one is. A notebook without exercises gets no student edition.
@@ -27,8 +28,9 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT_DIR = ROOT / "student"
-BEGIN, END = "BEGIN SOLUTION", "END SOLUTION"
-LABEL = re.compile(r"BEGIN SOLUTION\s+(Exercise\s+\d+\.\d+:\s*\S.*?)\s*$")
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+LABEL = re.compile(r"^\s*#\s*(Exercise\s+\d+\.\d+:\s*\S.*?)\s*$")
+YOUR_ANSWER = "**Your answer:** *(write it here)*"
 
 
 class MarkerError(ValueError):
@@ -39,30 +41,51 @@ def clear_solutions(source: str, where: str) -> tuple[str, list[str]]:
     """`source` with each solution region replaced by a stub; also returns the exercise labels."""
     out, labels, region = [], [], None
     for number, line in enumerate(source.splitlines(), 1):
-        if BEGIN in line:
+        stripped = line.strip()
+        if BEGIN in line or END in line:
+            if stripped not in (BEGIN, END):
+                raise MarkerError(f"{where}, line {number}: '{BEGIN}' and '{END}' stand alone on their lines "
+                                  "(nbgrader refuses anything after them); name the exercise in the comment above")
+        if stripped == BEGIN:
             if region is not None:
-                raise MarkerError(f"{where}, line {number}: BEGIN SOLUTION inside the region opened on line "
-                                  f"{region}; close it with END SOLUTION first")
-            match = LABEL.search(line)
+                raise MarkerError(f"{where}, line {number}: {BEGIN} inside the region opened on line "
+                                  f"{region}; close it with {END} first")
+            match = LABEL.match(out[-1]) if out else None
             if not match:
-                raise MarkerError(f"{where}, line {number}: name the exercise on the marker line, e.g. "
-                                  "'### BEGIN SOLUTION Exercise 1.2: MLP.forward'")
+                raise MarkerError(f"{where}, line {number}: name the exercise in a comment line just above "
+                                  f"{BEGIN}, e.g. '# Exercise 1.2: the forward pass'")
             label = match.group(1)
             indent = line[: len(line) - len(line.lstrip())]
             message = f"{label} — write your code here, then run the check cell below."
-            out.append(f"{indent}# {label}: your code here")
             out.append(f"{indent}raise NotImplementedError({message!r})")
             labels.append(label)
             region = number
-        elif END in line:
+        elif stripped == END:
             if region is None:
-                raise MarkerError(f"{where}, line {number}: END SOLUTION without a BEGIN SOLUTION")
+                raise MarkerError(f"{where}, line {number}: {END} without a {BEGIN}")
             region = None
         elif region is None:
             out.append(line)
     if region is not None:
         raise MarkerError(f"{where}: the solution region opened on line {region} is never closed")
     return "\n".join(out), labels
+
+
+def mark_for_nbgrader(nb) -> bool:
+    """Give every code cell holding a solution region nbgrader's solution-cell metadata (ClearSolutions refuses
+    regions in unmarked cells); True when a cell changed."""
+    changed = False
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or BEGIN not in cell.source:
+            continue
+        _, labels = clear_solutions(cell.source, f"cell {i}")
+        number = re.search(r"\d+\.\d+", labels[0]).group(0).replace(".", "-")
+        meta = {"grade": False, "grade_id": f"exercise-{number}" + (f"-{i}" if len(labels) > 1 else ""),
+                "locked": False, "schema_version": 3, "solution": True}
+        if cell.metadata.get("nbgrader") != meta:
+            cell.metadata["nbgrader"] = meta
+            changed = True
+    return changed
 
 
 def has_exercises(nb) -> bool:
@@ -77,6 +100,8 @@ def student_edition(nb, name: str):
     cells, labels = [], []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "markdown" and "answer" in cell.get("metadata", {}).get("tags", []):
+            cells.append(nbformat.v4.new_markdown_cell(YOUR_ANSWER, metadata={"tags": ["your-answer"]}))
+            cells[-1].id = f"your-answer-{i}"
             continue
         if cell.cell_type == "code":
             cell.source, found = clear_solutions(cell.source, f"{name} cell {i}")
@@ -96,13 +121,19 @@ def student_edition(nb, name: str):
     return nb, labels
 
 
-def build(check: bool = False) -> list[str]:
-    """Write (or, with `check`, compare) every student edition; returns the names that changed."""
+def build(check: bool = False, only=()) -> list[str]:
+    """Write (or, with `check`, compare) the student editions (all, or those named in `only`)."""
     changed = []
     for path in sorted(ROOT.glob("homework_*.ipynb")):
+        if only and path.stem not in {Path(n).stem for n in only}:
+            continue
         nb = nbformat.read(path, as_version=4)
         if not has_exercises(nb):
             continue
+        if mark_for_nbgrader(nb):
+            changed.append(f"{path.name} (nbgrader metadata)")
+            if not check:
+                nbformat.write(nb, path)
         student, labels = student_edition(nb, path.name)
         if not labels:
             raise MarkerError(f"{path.name}: answer cells but no code exercise; a student edition needs one")
@@ -120,8 +151,9 @@ def build(check: bool = False) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with student/, change nothing")
+    parser.add_argument("notebooks", nargs="*", help="e.g. homework_2 (default: all)")
     args = parser.parse_args(argv)
-    changed = build(check=args.check)
+    changed = build(check=args.check, only=args.notebooks)
     if args.check and changed:
         print(f"out of date: {', '.join(changed)}; run python3 tools/build_student.py")
         return 1

@@ -73,11 +73,15 @@ def synced(nb: nbformat.NotebookNode, sources: list[str], tag: str = "shared") -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report notebooks that differ; change nothing")
+    parser.add_argument("notebooks", nargs="*", help="e.g. homework_2 (default: all)")
     args = parser.parse_args(argv)
+    only = {Path(n).stem for n in args.notebooks}
     stale = []
     for tag, (source, names) in GROUPS.items():
         sources = shared_sources(source)
         for name in names:
+            if only and Path(name).stem not in only:
+                continue
             path = ROOT / name
             nb = nbformat.read(path, as_version=4)
             before = nbformat.writes(nb)

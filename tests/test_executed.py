@@ -1,0 +1,69 @@
+"""The executed editions (executed/homework_N.ipynb): real runs of the current code, small, readable."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nbformat
+import pytest
+
+from conftest import NOTEBOOKS, ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import execute  # noqa: E402  (tools/execute.py)
+
+EDITIONS = sorted(p.name for p in (ROOT / "executed").glob("homework_*.ipynb"))
+
+
+@pytest.mark.parametrize("name", EDITIONS)
+def test_edition_runs_the_current_code_on_real_data(name):
+    edition = nbformat.read(ROOT / "executed" / name, as_version=4)
+    current = nbformat.read(ROOT / name, as_version=4)
+    assert execute.code_cells(edition) == execute.code_cells(current), (
+        f"executed/{name} was run on other code than {name}: rebuild it with python3 tools/execute.py")
+    results = json.loads((ROOT / "executed" / name.replace(".ipynb", ".json")).read_text())
+    assert results["data_source"] == "real" and results["profile"] == "cpu"
+    assert results["notebook"] == name.removesuffix(".ipynb")
+    outputs = [o for c in edition.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], f"executed/{name} holds an error"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"executed/{name} shows no figure"
+    assert (ROOT / "executed" / name).stat().st_size <= execute.MAX_BYTES
+    header = edition.cells[1]
+    assert "executed-header" in header.metadata.get("tags", []) and f"{results['seconds']:,.0f} s" in header.source
+
+
+@pytest.mark.parametrize("name", EDITIONS)
+def test_readme_and_notebook_link_the_edition(name):
+    assert f"executed/{name}" in (ROOT / "README.md").read_text(), f"README: link executed/{name}"
+    title = nbformat.read(ROOT / name, as_version=4).cells[0].source
+    assert f"executed/{name}" in title, f"{name}: the header links its executed edition"
+
+
+def test_synthetic_or_missing_data_is_refused(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "SYNTHETIC").write_text("test data")
+    with pytest.raises(execute.ExecuteError, match="synthetic"):
+        execute.check_data(tmp_path, 1)
+    with pytest.raises(execute.ExecuteError, match="does not exist"):
+        execute.check_data(tmp_path, 4)
+    with pytest.raises(execute.ExecuteError, match="DLCV_DATA_DIR"):
+        execute.check_data(None, 4)
+
+
+def test_a_run_that_says_synthetic_or_differs_is_refused():
+    nb = nbformat.read(ROOT / NOTEBOOKS[0], as_version=4)
+    with pytest.raises(execute.ExecuteError, match="synthetic"):
+        execute.finish(1, nb, {"data_source": "synthetic", "profile": "cpu"}, "", "")
+    nb.cells.append(nbformat.v4.new_code_cell("print('edited after the run')"))
+    with pytest.raises(execute.ExecuteError, match="differs"):
+        execute.finish(1, nb, {"data_source": "real", "profile": "cpu"}, "", "")
+
+
+def test_progress_lines_collapse_to_their_last_state():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="10%|#\r50%|####\r100%|#####\ndone\n")]
+    nb.cells = [cell]
+    execute.clean_outputs(nb)
+    assert cell.outputs[0].text == "100%|#####\ndone\n"
