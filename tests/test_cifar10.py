@@ -24,8 +24,7 @@ def cf():
 
 
 def _folders(tmp_path, data=None, offline=True):
-    return {"data": data, "cache": tmp_path / "cache", "offline": offline, "results": tmp_path / "results",
-            "weights": None}
+    return {"data": data, "cache": tmp_path / "cache", "offline": offline, "results": tmp_path / "results"}
 
 
 def _write_folder(root, per_class=(3, 2), size=32):
@@ -41,51 +40,50 @@ def _write_folder(root, per_class=(3, 2), size=32):
     return root
 
 
-def test_folder_is_decoded_once_into_nchw_uint8_and_cached(cf, tmp_path, monkeypatch):
+def test_folder_is_decoded_into_nchw_uint8_in_class_order(cf, tmp_path):
     root = _write_folder(tmp_path / "cifar10")
-    data = cf.load_cifar10("folder", root, cache_dir=tmp_path / "cache")
+    data = cf.load_cifar10(root)
     assert data["x_train"].shape == (30, 3, 32, 32) and data["x_train"].dtype == torch.uint8
     assert data["y_train"].tolist() == sorted([c for c in range(10) for _ in range(3)])
     assert data["n_train_available"] == 30 and data["n_test_available"] == 20
     png = np.array(Image.open(root / "train" / "cat" / "0001.png"))  # cat = class 3, its second image
     assert torch.equal(data["x_train"][3 * 3 + 1], torch.from_numpy(png).permute(2, 0, 1))
-    assert len(list((tmp_path / "cache" / "cifar10").glob("decoded-*.npz"))) == 1
-    monkeypatch.setattr(cf, "decode_cifar_images", lambda files: pytest.fail("decoded again despite the cache"))
-    again = cf.load_cifar10("folder", root, cache_dir=tmp_path / "cache")
-    assert all(torch.equal(data[k], again[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
 
 
 def test_a_capped_split_is_a_stratified_random_sample_and_only_it_is_decoded(cf, tmp_path, monkeypatch):
     root = _write_folder(tmp_path / "cifar10", per_class=(6, 2))
-    decoded = []
-    real = cf.decode_cifar_images
-    monkeypatch.setattr(cf, "decode_cifar_images", lambda files: decoded.append(len(files)) or real(files))
-    data = cf.load_cifar10("folder", root, max_train=20, seed=0)
-    assert decoded == [20, 20]  # 20 sampled training images of 60, the whole 20-image test split
+    opened = []
+    real = cf.Image.open
+    monkeypatch.setattr(cf.Image, "open", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
+    data = cf.load_cifar10(root, max_train=20, seed=0)
+    assert len(opened) == 20 + 20  # 20 sampled training images of 60, the whole 20-image test split
     assert np.bincount(data["y_train"].numpy(), minlength=10).tolist() == [2] * 10  # a first-20 pick: 4 classes
     assert data["n_train_available"] == 60
-    other = cf.load_cifar10("folder", root, max_train=20, seed=1)
+    for x, y, f in zip(data["x_train"], data["y_train"], opened[:20]):  # images and labels stay together
+        assert cf.CIFAR10_CLASSES[int(y)] == f.parent.name
+        assert torch.equal(x, torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1))
+    other = cf.load_cifar10(root, max_train=20, seed=1)
     assert not torch.equal(data["x_train"], other["x_train"])
 
 
 def test_grey_and_other_sizes_become_rgb_32(cf, tmp_path):
-    Image.fromarray(np.full((40, 50), 200, np.uint8)).save(tmp_path / "grey.png")
-    out = cf.decode_cifar_images([tmp_path / "grey.png"])
-    assert out.shape == (1, 3, 32, 32) and out.dtype == np.uint8 and (out == 200).all()
+    root = _write_folder(tmp_path / "cifar10", per_class=(1, 1))
+    Image.fromarray(np.full((40, 50), 200, np.uint8)).save(root / "train" / "cat" / "0000.png")
+    x = cf.load_cifar10(root)["x_train"][3]
+    assert x.shape == (3, 32, 32) and (x == 200).all()
 
 
 @pytest.mark.parametrize("breakage, match", [
-    (lambda r: __import__("shutil").rmtree(r / "train" / "truck"), r"Missing class folder .*train/truck"),
-    (lambda r: [p.unlink() for p in (r / "test" / "cat").iterdir()], r"test/cat holds no images"),
-    (lambda r: (r / "train" / "dog" / "0000.png").write_bytes(b"not a png"), r"dog/0000\.png"),
-    (lambda r: (r / "train" / "unicorn").mkdir(), r"unknown class folders \['unicorn'\]"),
-    (lambda r: __import__("shutil").rmtree(r / "test"), r"cifar10/test is not a folder"),
+    (lambda r: __import__("shutil").rmtree(r / "train" / "truck"), r"train/truck: no \.png/\.jpg images"),
+    (lambda r: [p.unlink() for p in (r / "test" / "cat").iterdir()], r"test/cat: no \.png/\.jpg images"),
+    (lambda r: (r / "train" / "dog" / "0000.png").write_bytes(b"not a png"), r"train/dog/0000\.png: unreadable"),
+    (lambda r: __import__("shutil").rmtree(r / "test"), r"test/airplane: no \.png"),
 ])
 def test_broken_folders_are_named(cf, tmp_path, breakage, match):
     root = _write_folder(tmp_path / "cifar10")
     breakage(root)
     with pytest.raises(cf.DataLayoutError, match=match):
-        cf.load_cifar10("folder", root)
+        cf.load_cifar10(root)
 
 
 # --- the official python batches, as torchvision downloads them ------------------------------------------
@@ -100,50 +98,63 @@ def _batches(n=2):
     return files
 
 
-def test_official_batches_are_read_and_a_broken_one_is_named(cf, tmp_path):
+def test_official_batches_are_read_capped_and_a_broken_one_is_named(cf, tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     files = _batches()
     for name, blob in files.items():
         (folder / name).write_bytes(blob)
-    data = cf.load_cifar10("batches", folder)
+    data = cf.load_cifar10(folder)
     assert data["x_train"].shape == (10, 3, 32, 32) and data["y_test"].tolist() == [1, 7]
     expected = np.frombuffer(pickle.loads(files["data_batch_2"])["data"].tobytes(), np.uint8).reshape(2, 3, 32, 32)
     assert torch.equal(data["x_train"][2:4], torch.from_numpy(expected.copy()))
+    capped = cf.load_cifar10(folder, max_train=4, seed=0)
+    assert capped["x_train"].shape == (4, 3, 32, 32) and sorted(capped["y_train"].tolist()) == [1, 1, 7, 7]
     (folder / "data_batch_3").write_bytes(b"garbage")
-    with pytest.raises(cf.DataLayoutError, match="data_batch_3.*Delete"):
-        cf.load_cifar10("batches", folder)
+    with pytest.raises(cf.DataLayoutError, match="data_batch_3: unreadable"):
+        cf.load_cifar10(folder)
 
 
-# --- where the data comes from ------------------------------------------------------------------------------
+# --- where the data comes from (the shared find_data with CIFAR-10's locate and download) -----------------
+def test_locate_accepts_both_layouts_and_nothing_else(cf, tmp_path):
+    root = _write_folder(tmp_path / "a" / "cifar10")
+    assert cf.locate_cifar10(root) == root
+    batches = tmp_path / "b" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in _batches():
+        (batches / name).write_bytes(b"x")
+    assert cf.locate_cifar10(batches) == batches and cf.locate_cifar10(batches.parent) == batches
+    (batches / "test_batch").unlink()  # an interrupted extraction is not trusted
+    assert cf.locate_cifar10(batches.parent) is None
+    assert cf.locate_cifar10(tmp_path / "nothing") is None and cf.locate_cifar10(root / "train") is None
+
+
 def test_resolution_order(cf, tmp_path):
     _write_folder(tmp_path / "data" / "cifar10")
     kaggle = tmp_path / "kaggle"
-    (kaggle / "someone" / "cifar-10-batches-py").mkdir(parents=True)
+    _write_folder(kaggle / "someone" / "cifar10-png")  # a Kaggle input in the course layout, two levels down
     f = _folders(tmp_path, data=tmp_path / "data")
-    assert cf.find_cifar10(f, "cpu", kaggle_root=kaggle)[:2] == ("folder", tmp_path / "data" / "cifar10")
+    path, origin, source = cf.find_cifar10(f, kaggle_root=kaggle)
+    assert (path, source) == (tmp_path / "data" / "cifar10", "real") and "DLCV_DATA_DIR" in origin
     f["data"] = None
-    kind, path, origin, source = cf.find_cifar10(f, "cpu", kaggle_root=kaggle)
-    assert (kind, path.name, source) == ("batches", "cifar-10-batches-py", "real") and "Kaggle" in origin
+    path, origin, source = cf.find_cifar10(f, kaggle_root=kaggle)
+    assert path == kaggle / "someone" / "cifar10-png" and "Kaggle input" in origin
     cached = tmp_path / "cache" / "cifar10" / "cifar-10-batches-py"
     cached.mkdir(parents=True)
-    assert cf.find_cifar10(f, "cpu", kaggle_root=tmp_path / "none")[1] == cached
+    for name in _batches():
+        (cached / name).write_bytes(b"x")
+    path, origin, _ = cf.find_cifar10(f, kaggle_root=tmp_path / "none")
+    assert path == cached and "download cache" in origin
+    (tmp_path / "data" / "cifar10" / "SYNTHETIC").write_text("test data")
+    assert cf.find_cifar10(_folders(tmp_path, data=tmp_path / "data"))[2] == "synthetic"
 
 
-def test_nothing_found_outside_smoke_says_what_was_tried_and_the_cifar_fixes(cf, tmp_path):
+def test_nothing_found_says_what_was_tried_and_the_cifar_fixes(cf, tmp_path):
     with pytest.raises(cf.DataNotFoundError) as err:
-        cf.find_cifar10(_folders(tmp_path, data=tmp_path / "nothing"), "cpu", kaggle_root=tmp_path / "none")
+        cf.find_cifar10(_folders(tmp_path, data=tmp_path / "nothing"), kaggle_root=tmp_path / "none")
     text = str(err.value)
-    assert "nothing: holds no cifar10/" in text and "DLCV_OFFLINE=1" in text
-    assert "torchvision can download CIFAR-10" in text and "kaggle.json" not in text
-
-
-def test_smoke_falls_back_to_a_synthetic_stand_in_in_the_real_layout(cf, tmp_path):
-    kind, path, origin, source = cf.find_cifar10(_folders(tmp_path), "smoke", kaggle_root=tmp_path / "none",
-                                                 synthetic_per_class=(4, 2))
-    assert (kind, source) == ("folder", "synthetic") and "NOT CIFAR-10" in origin
-    data = cf.load_cifar10(kind, path)  # the real folder parser reads the synthetic PNGs
-    assert data["x_train"].shape == (40, 3, 32, 32) and sorted(set(data["y_test"].tolist())) == list(range(10))
+    assert "DLCV_DATA_DIR/cifar10: missing" in text and "DLCV_OFFLINE=1" in text
+    assert "torchvision can download CIFAR-10" in text and "cifar-10-batches-py layout" in text
 
 
 # --- the download, against a server on 127.0.0.1 ------------------------------------------------------------
@@ -171,30 +182,36 @@ def server(loopback, monkeypatch):
     return base, loopback.routes, archive
 
 
-def test_download_is_used_and_cached_once(cf, tmp_path, server):
+def test_download_is_used_then_found_in_the_cache(cf, tmp_path, server):
     _, routes, archive = server
     routes["/cifar-10-python.tar.gz"] = (archive, None)
     f = _folders(tmp_path, offline=False)
-    kind, path, origin, source = cf.find_cifar10(f, "cpu", kaggle_root=tmp_path / "none")
-    assert (kind, source) == ("batches", "real") and path == tmp_path / "cache" / "cifar10" / "cifar-10-batches-py"
-    assert cf.load_cifar10(kind, path)["x_test"].shape == (2, 3, 32, 32)
+    path, origin, source = cf.find_cifar10(f, kaggle_root=tmp_path / "none")
+    assert source == "real" and path == tmp_path / "cache" / "cifar10" / "cifar-10-batches-py" and "download" in origin
+    assert cf.load_cifar10(path)["x_test"].shape == (2, 3, 32, 32)
     assert [p.name for p in path.parent.iterdir()] == ["cifar-10-batches-py"]  # the archive is not kept
     routes.clear()  # a second run must not need the server
-    assert cf.find_cifar10(f, "cpu", kaggle_root=tmp_path / "none")[1] == path
+    path, origin, _ = cf.find_cifar10(f, kaggle_root=tmp_path / "none")
+    assert "download cache" in origin
 
 
 @pytest.mark.parametrize("serve", ["truncated", "corrupt", "missing"])
-def test_a_broken_download_is_refused_and_leaves_nothing(cf, tmp_path, server, serve):
+def test_a_broken_download_is_refused_not_trusted_and_fetched_again(cf, tmp_path, server, serve):
     _, routes, archive = server
     if serve == "truncated":
         routes["/cifar-10-python.tar.gz"] = (archive[: len(archive) // 2], len(archive))
     elif serve == "corrupt":
         routes["/cifar-10-python.tar.gz"] = (archive[:100] + b"x" * (len(archive) - 100), None)
+    f = _folders(tmp_path, offline=False)
     with pytest.raises(cf.DataNotFoundError) as err:
-        cf.find_cifar10(_folders(tmp_path, offline=False), "cpu", kaggle_root=tmp_path / "none")
+        cf.find_cifar10(f, kaggle_root=tmp_path / "none")
     text = str(err.value)
-    assert "download with torchvision" in text and "torchvision can download CIFAR-10" in text
+    assert "download into" in text and "torchvision can download CIFAR-10" in text
     if serve == "missing":
         assert "404" in text
     cache = tmp_path / "cache" / "cifar10"
-    assert not cache.exists() or list(cache.iterdir()) == [], "a broken download left files in the cache"
+    assert cf.locate_cifar10(cache) is None, "a broken download left a folder that a rerun would trust"
+    assert not list(cache.glob("*.tar.gz")), "a broken archive was kept"
+    routes["/cifar-10-python.tar.gz"] = (archive, None)  # the network is back: the next run downloads again
+    path, origin, _ = cf.find_cifar10(f, kaggle_root=tmp_path / "none")
+    assert "download (" in origin and cf.load_cifar10(path)["y_test"].tolist() == [1, 7]

@@ -71,7 +71,7 @@ def describe_machine(factors: str | None) -> str:
 
 
 def clean_outputs(nb) -> None:
-    """Carriage-return progress lines collapsed to their last state; widget views dropped."""
+    """Carriage-return progress lines collapsed to their last state; progress widgets dropped."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -79,10 +79,8 @@ def clean_outputs(nb) -> None:
         for out in cell.outputs:
             if out.output_type == "stream":
                 out.text = "\n".join(line.rsplit("\r", 1)[-1] for line in out.text.split("\n"))
-            if out.output_type in ("display_data", "execute_result"):
-                out.data.pop("application/vnd.jupyter.widget-view+json", None)
-                if not out.data:
-                    continue
+            if "application/vnd.jupyter.widget-view+json" in out.get("data", {}):
+                continue  # a progress-bar widget: GitHub cannot draw it, and its text is only the bar's first state
             kept.append(out)
         cell.outputs = kept
 
