@@ -22,6 +22,8 @@ def test_edition_runs_the_current_code_on_real_data(name):
     current = nbformat.read(ROOT / name, as_version=4)
     assert execute.code_cells(edition) == execute.code_cells(current), (
         f"executed/{name} was run on other code than {name}: rebuild it with python3 tools/execute.py")
+    assert execute.markdown_cells(edition) == execute.markdown_cells(current), (
+        f"executed/{name}: its text is older than {name}'s: python3 tools/execute.py {name[9]} --prose")
     results = json.loads((ROOT / "executed" / name.replace(".ipynb", ".json")).read_text())
     assert results["data_source"] == "real" and results["profile"] == "cpu"
     assert results["notebook"] == name.removesuffix(".ipynb")
@@ -67,3 +69,15 @@ def test_progress_lines_collapse_to_their_last_state():
     nb.cells = [cell]
     execute.clean_outputs(nb)
     assert cell.outputs[0].text == "100%|#####\ndone\n"
+
+
+def test_prose_follows_the_notebook_but_code_must_match():
+    current = nbformat.read(ROOT / NOTEBOOKS[0], as_version=4)
+    run = nbformat.read(ROOT / NOTEBOOKS[0], as_version=4)
+    md = next(c for c in run.cells if c.cell_type == "markdown")
+    md.source = "an older text"
+    execute.take_prose(run, current)
+    assert execute.markdown_cells(run) == execute.markdown_cells(current)
+    next(c for c in run.cells if c.cell_type == "code").source += "\n# edited"
+    with pytest.raises(execute.ExecuteError, match="differs"):
+        execute.take_prose(run, current)

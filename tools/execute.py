@@ -4,6 +4,7 @@ profile on real data, outputs kept, with the run's results JSON beside it (`exec
     DLCV_DATA_DIR=/path/to/data python3 tools/execute.py 1 3       # run homeworks 1 and 3 (papermill)
     python3 tools/execute.py 4 --adopt run.ipynb --results run.json   # keep a papermill `cpu` run already made
                                                                      # of the current notebook
+    python3 tools/execute.py 1 2 3 4 5 --prose        # after editing markdown only: the editions take the new text
 
 Synthetic data is refused (a dataset folder holding a file named SYNTHETIC, or a results file that says
 so). Progress bars are switched off (TQDM_DISABLE=1) so the saved outputs hold results, not progress lines.
@@ -103,11 +104,41 @@ def code_cells(nb) -> list[str]:
             if c.cell_type == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
 
 
+def markdown_cells(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "markdown" and "executed-header" not in c.metadata.get("tags", [])]
+
+
+def take_prose(nb, current) -> None:
+    """The current notebook's markdown cells into the run, in place: prose is not an output, so an edit of the
+    text after the run needs no new run. Same code and same sequence of cell kinds, or ExecuteError."""
+    kinds = lambda book: [c.cell_type for c in book.cells if "executed-header" not in c.metadata.get("tags", [])
+                          and "injected-parameters" not in c.metadata.get("tags", [])]
+    if code_cells(nb) != code_cells(current) or kinds(nb) != kinds(current):
+        raise ExecuteError("the run's code or cell order differs from the notebook's; run it again")
+    prose = iter(c for c in current.cells if c.cell_type == "markdown")
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and "executed-header" not in cell.metadata.get("tags", []):
+            cell.source = next(prose).source
+
+
+def refresh_prose(number: int) -> Path:
+    """Rewrite executed/homework_N.ipynb with the current notebook's prose (the outputs stay the run's)."""
+    path = OUT / f"homework_{number}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    try:
+        take_prose(nb, nbformat.read(ROOT / f"homework_{number}.ipynb", as_version=4))
+    except ExecuteError as err:
+        raise ExecuteError(f"homework {number}: {err}") from None
+    path.write_text(nbformat.writes(nb))
+    return path
+
+
 def finish(number: int, nb, results: dict, data: str, machine: str) -> Path:
     """Check the run, add the header, write executed/homework_N.ipynb and .json."""
     current = nbformat.read(ROOT / f"homework_{number}.ipynb", as_version=4)
     if code_cells(nb) != code_cells(current):
         raise ExecuteError(f"homework {number}: the run's code differs from homework_{number}.ipynb; run it again")
+    take_prose(nb, current)
     if results.get("data_source") != "real" or results.get("profile") != "cpu":
         raise ExecuteError(f"homework {number}: the run says data_source={results.get('data_source')!r}, "
                            f"profile={results.get('profile')!r}; an executed edition needs real data in cpu")
@@ -139,8 +170,16 @@ def run(number: int, data_dir, machine: str) -> Path:
         os.environ.update(env)  # the kernel inherits this process's environment
         try:
             out = Path(tmp) / "run.ipynb"
-            papermill.execute_notebook(str(ROOT / f"homework_{number}.ipynb"), str(out), parameters={"PROFILE": "cpu"},
-                                       cwd=str(ROOT), kernel_name="python3", progress_bar=False)
+            try:
+                papermill.execute_notebook(str(ROOT / f"homework_{number}.ipynb"), str(out),
+                                           parameters={"PROFILE": "cpu"}, cwd=str(ROOT), kernel_name="python3",
+                                           progress_bar=False)
+            except Exception:  # keep the failed run to read: the temporary folder goes with this block
+                kept = Path(tempfile.gettempdir()) / f"dlcv-failed-homework_{number}.ipynb"
+                if out.exists():
+                    kept.write_bytes(out.read_bytes())
+                    print(f"the failed run, with its outputs, is kept in {kept}", file=sys.stderr)
+                raise
             results = json.loads((Path(tmp) / f"homework_{number}.json").read_text())
             nb = nbformat.read(out, as_version=4)
         finally:
@@ -156,10 +195,14 @@ def main(argv=None) -> int:
     parser.add_argument("--factors", help="machine_speed.py factors to state in the header, e.g. 'mlp 1.16'")
     parser.add_argument("--adopt", help="a papermill cpu run of the current notebook to keep instead of running")
     parser.add_argument("--results", help="with --adopt: that run's results JSON")
+    parser.add_argument("--prose", action="store_true",
+                        help="no run: give the existing editions the notebooks' current markdown (same code only)")
     args = parser.parse_args(argv)
     machine = describe_machine(args.factors)
     for number in args.numbers:
-        if args.adopt:
+        if args.prose:
+            path = refresh_prose(number)
+        elif args.adopt:
             data = describe_data(check_data(args.data, number))
             nb = nbformat.read(args.adopt, as_version=4)
             path = finish(number, nb, json.loads(Path(args.results).read_text()), data, machine)
