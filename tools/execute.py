@@ -105,7 +105,8 @@ def code_cells(nb) -> list[str]:
 
 
 def markdown_cells(nb) -> list[str]:
-    return [c.source for c in nb.cells if c.cell_type == "markdown" and "executed-header" not in c.metadata.get("tags", [])]
+    return [c.source for c in nb.cells
+            if c.cell_type == "markdown" and "executed-header" not in c.metadata.get("tags", [])]
 
 
 def take_prose(nb, current) -> None:
