@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ collect_ignore_glob = ["*-checkpoint.ipynb", "results/*", ".ipynb_checkpoints/*"
 def pytest_collection_modifyitems(session, config, items):
     """Run the unit tests first, the notebooks next, and the results check last.
 
-    ``test_results.py`` inspects what the notebooks wrote, so it must come after them; it records
+    ``test_results.py`` and ``test_rerun.py`` use what the notebooks wrote (results, run store), so they come
+    after them; it records
     which notebooks were collected in this session so that ``pytest tests/`` alone skips it.
     """
 
@@ -37,7 +39,7 @@ def pytest_collection_modifyitems(session, config, items):
         path = Path(str(item.fspath))
         if path.suffix == ".ipynb":
             return 1
-        if path.name == "test_results.py":
+        if path.name in ("test_results.py", "test_rerun.py"):
             return 2
         return 0
 
@@ -92,3 +94,16 @@ def loopback():
     yield state
     httpd.shutdown()
     httpd.server_close()
+
+
+# --- tools the lint tests run: found on PATH or beside this Python (a venv used without activating it) ---------
+def tool(name: str) -> str:
+    """The path of command `name`. Missing: the test fails under CI=true (CI installs requirements-dev.txt, so a
+    missing linter there is a broken install, not a reason to pass) and is skipped elsewhere, with the fix."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    message = f"{name} is not installed: pip install -r requirements-dev.txt"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message} (CI=true: lint may not be skipped)")
+    pytest.skip(message)

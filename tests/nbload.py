@@ -7,6 +7,7 @@ constants, functions and classes; it never touches data, trains or plots at impo
 
 from __future__ import annotations
 
+import linecache
 import types
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def load_lib(notebook: str | Path, tag: str = "lib") -> types.ModuleType:
     module = types.ModuleType(path.stem)
     module.__file__ = str(path)
     for i, cell in enumerate(cells):
-        code = compile(cell.source, f"{path.name}[{tag} cell {i}]", "exec")
-        exec(code, module.__dict__)  # noqa: S102 - the notebook is this repository's own code
+        filename = f"{path.name}[{tag} cell {i}]"
+        # as IPython does for a cell: inspect.getsource (the run store keys code by it) reads the text here
+        linecache.cache[filename] = (len(cell.source), None, cell.source.splitlines(True), filename)
+        exec(compile(cell.source, filename, "exec"), module.__dict__)  # noqa: S102 - our own notebook
     return module

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tool
 
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
 
@@ -40,9 +38,7 @@ def test_workflow_runs_ci_on_pushes_and_pull_requests():
 
 
 def test_workflow_passes_actionlint():
-    if shutil.which("actionlint") is None:
-        pytest.skip("actionlint is not installed: pip install -r requirements-dev.txt")
-    out = subprocess.run(["actionlint", str(WORKFLOW)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([tool("actionlint"), str(WORKFLOW)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

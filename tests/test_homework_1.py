@@ -27,6 +27,12 @@ def tiny_data(hw, n=40, seed=0, n_val=20):
     return {"x_train": x, "y_train": y, "x_val": x[:n_val], "y_val": y[:n_val], "mean": mean, "std": std}
 
 
+def train_recipe(hw, recipe, data, steps, eval_every=None, seed=0, **fit_kwargs):
+    """The notebook's two halves of a run, without its store: the seeded model, then `fit`: (model, history)."""
+    model = hw.seeded_model(recipe, data["x_train"].device, seed)
+    return model, hw.fit(model, data, recipe, steps, eval_every, **fit_kwargs)
+
+
 # ---------------------------------------------------------------- data: split, random samples, normalisation
 
 
@@ -179,7 +185,7 @@ def test_fit_follows_the_schedule_and_evaluates_in_fp32(hw, monkeypatch):
     monkeypatch.setattr(hw, "predict", lambda *a: seen.append(torch.is_autocast_enabled("cpu")) or real(*a))
     monkeypatch.setenv("DLCV_PRECISION", "bf16")
     bf16 = hw.choose_precision(torch.device("cpu"), False)
-    _, hist = hw.train_recipe(recipe, data, steps=10, eval_every=2, precision=bf16)
+    _, hist = train_recipe(hw, recipe, data, steps=10, eval_every=2, precision=bf16)
     assert hist["lr"] == pytest.approx([1e-2 * hw.lr_factor(s / 10, "cosine", 0.2) for s in (1, 3, 5, 7, 9)])
     assert seen and not any(seen)
 
@@ -188,7 +194,7 @@ def test_training_is_deterministic_on_cpu(hw):
     """The `cpu` recipe (tiny widths and batch), trained twice with the same seed: the same numbers."""
     data = tiny_data(hw)
     recipe = dict(hw.CONFIGS["cpu"]["recipe"], widths=(16, 8), batch_size=8)
-    runs = [hw.train_recipe(recipe, data, steps=12, eval_every=4, seed=1) for _ in range(2)]
+    runs = [train_recipe(hw, recipe, data, steps=12, eval_every=4, seed=1) for _ in range(2)]
     for key in ("val_loss", "val_acc", "train_loss", "step_loss"):
         assert runs[0][1][key] == runs[1][1][key], key
     for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()):
@@ -208,7 +214,7 @@ def test_fit_counts_steps_and_each_pass_sees_every_image_once(hw, monkeypatch):
 
     monkeypatch.setattr(hw, "normalize", spy)
     recipe = dict(widths=(8,), lr=1e-3, weight_decay=0.0, batch_size=8)
-    _, hist = hw.train_recipe(recipe, data, steps=12, eval_every=5, eval_batch_size=20)
+    _, hist = train_recipe(hw, recipe, data, steps=12, eval_every=5, eval_batch_size=20)
     assert hist["steps_run"] == 12 and hist["step"] == [5, 10, 12] and len(hist["step_loss"]) == 12
     assert hist["epochs_run"] == pytest.approx(12 / 5) and hist["epoch"] == pytest.approx([1, 2, 12 / 5])
     assert len(seen) == 12
@@ -222,17 +228,29 @@ def test_training_accuracy_is_measured_in_eval_mode_on_a_fixed_probe(hw):
     (as many as there are validation images) at every evaluation; per-image scores are kept."""
     data = tiny_data(hw, n=40, n_val=10)
     recipe = dict(widths=(16,), batchnorm=True, dropout=0.5, lr=1e-3, weight_decay=0.0, batch_size=8)
-    model, hist = hw.train_recipe(recipe, data, steps=6, eval_every=3)
+    model, hist = train_recipe(hw, recipe, data, steps=6, eval_every=3)
     probe = torch.from_numpy(hw.sample_indices(40, 10, 0))
     loss, acc, hits = hw.evaluate(model, data["x_train"][probe], data["y_train"][probe], data["mean"], data["std"], 64)
     assert hist["train_acc"][-1] == acc and hist["train_loss"][-1] == pytest.approx(loss)
     np.testing.assert_array_equal(hist["train_hits"][-1], hits)
-    assert len(hist["val_hits"][-1]) == 10 and hist["val_acc"][-1] == hist["val_hits"][-1].mean()
+    assert len(hist["val_hits"][-1]) == 10 and hist["val_acc"][-1] == np.mean(hist["val_hits"][-1])
+
+
+def test_history_is_kept_by_the_store_unchanged(hw):
+    """The run store saves a history with torch.save and loads it with weights_only=True: no numpy inside."""
+    import io
+
+    model, hist = train_recipe(hw, dict(widths=(8,), lr=1e-3, weight_decay=0.0, batch_size=8), tiny_data(hw), steps=4,
+                               eval_every=2, stopper=hw.EarlyStopping(None))
+    buffer = io.BytesIO()
+    torch.save(hist, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == hist
 
 
 def test_fit_without_validation_data_only_trains(hw):
     data = {k: v for k, v in tiny_data(hw).items() if not k.endswith("_val")}
-    _, hist = hw.train_recipe(dict(widths=(8,), lr=1e-3, weight_decay=0.0, batch_size=8), data, steps=7)
+    _, hist = train_recipe(hw, dict(widths=(8,), lr=1e-3, weight_decay=0.0, batch_size=8), data, steps=7)
     assert hist["steps_run"] == 7 and hist["val_acc"] == [] and hist["best_step"] is None
 
 
@@ -240,7 +258,7 @@ def test_early_stopping_restores_the_best_weights(hw):
     data = tiny_data(hw)
     data["x_val"], data["y_val"] = data["x_train"][20:], data["y_train"][20:]  # unseen: noise labels
     recipe = dict(widths=(64,), lr=3e-3, weight_decay=0.0, batch_size=10, schedule="constant")
-    model, hist = hw.train_recipe(recipe, data, steps=160, eval_every=4, stopper=hw.EarlyStopping(2))
+    model, hist = train_recipe(hw, recipe, data, steps=160, eval_every=4, stopper=hw.EarlyStopping(2))
     assert hist["stop_reason"] == "patience" and len(hist["val_acc"]) == hist["best_eval"] + 2
     assert hist["best_val_acc"] == max(hist["val_acc"]) == hist["val_acc"][hist["best_eval"] - 1]
     _, acc, hits = hw.evaluate(model, data["x_val"], data["y_val"], data["mean"], data["std"], 64)
@@ -255,7 +273,7 @@ def test_profile_models_build_and_take_a_step(hw, profile):
     biggest = hw.tapered(max(cfg["arch_widths"]), max(cfg["arch_depths"]))
     for widths in (cfg["recipe"]["widths"], cfg["overfit_widths"], biggest):
         recipe = dict(cfg["recipe"], widths=widths)
-        model, hist = hw.train_recipe(dict(recipe, batch_size=2), data, steps=1)
+        model, hist = train_recipe(hw, dict(recipe, batch_size=2), data, steps=1)
         assert hist["steps_run"] == 1 and np.isfinite(hist["train_loss"][0])
     for config in hw.sample_configs(cfg["search_space"], cfg["search_trials"], cfg["seed"]):
         assert set(config) <= set(cfg["recipe"]), "the search varies recipe keys only"
@@ -310,7 +328,7 @@ def test_fp16_fit_does_not_advance_the_schedule_on_a_skipped_step(hw, monkeypatc
     data = tiny_data(hw)
     recipe = dict(widths=(8,), lr=1e-2, weight_decay=0.0, batch_size=8, schedule="cosine", warmup=0.0)
     monkeypatch.setattr(hw, "F", Overflow())
-    _, hist = hw.train_recipe(recipe, data, steps=6, eval_every=1, precision=precision)
+    _, hist = train_recipe(hw, recipe, data, steps=6, eval_every=1, precision=precision)
     expected = [1e-2 * hw.lr_factor(done / 6, "cosine", 0.0) for done in (0, 1, 2, 2, 3, 4)]
     assert hist["lr"] == pytest.approx(expected)
     assert np.isfinite(hist["val_loss"]).all()

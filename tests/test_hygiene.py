@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import NOTEBOOKS, ROOT
+from conftest import NOTEBOOKS, ROOT, tool
 from nbload import cells_with_tag, load_lib
 
 pytestmark = pytest.mark.skipif(not NOTEBOOKS, reason="no homework notebook written yet")
@@ -107,16 +108,25 @@ def test_self_contained(name):
 
 
 def test_lint():
-    """ruff over tests/ and, through nbqa, over the notebooks (install requirements-dev.txt)."""
-    if shutil.which("ruff") is None:
-        pytest.skip("ruff is not installed: pip install -r requirements-dev.txt")
-    cmd = [sys.executable, "-m", "ruff", "check", "conftest.py", "tests", "tools"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    """ruff over tests/ and tools/ and, through nbqa, over the notebooks (install requirements-dev.txt)."""
+    out = subprocess.run([tool("ruff"), "check", "conftest.py", "tests", "tools"], cwd=ROOT, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    if shutil.which("nbqa") is None:
-        pytest.skip("nbqa is not installed: pip install -r requirements-dev.txt")
-    out = subprocess.run(["nbqa", "ruff", *NOTEBOOKS], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([tool("nbqa"), "ruff", *NOTEBOOKS], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{Path(tool('ruff')).parent}{os.pathsep}{os.environ['PATH']}"})
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_lint_cannot_pass_by_skipping_in_ci(monkeypatch):
+    """Under CI=true a missing linter fails the test (a skip would let unlinted code land)."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        tool("ruff")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="pip install -r requirements-dev.txt"):
+        tool("actionlint")
 
 
 # --- reading order (contract v2): the topic within three screens, plumbing collapsed ------------------------

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import importlib
+import os
+import shutil
+import subprocess
 import sys
 
 import nbformat
@@ -60,21 +65,74 @@ def test_answer_cells_become_empty_answer_cells_title_rewritten_outputs_cleared(
     assert nb.cells[1].outputs, "the complete notebook itself is left untouched"
 
 
+def _nbgrader(name: str):
+    """nbgrader's module `name`; in CI (CI=true) a missing nbgrader fails instead of skipping."""
+    if os.environ.get("CI", "").lower() == "true":
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
+
+def _key(nb):
+    """What must not reach a student: each answer cell's text, and per code cell the lines inside its solution
+    regions that do not also stand outside them (a `return x` may legitimately appear twice)."""
+    answers = [c.source for c in nb.cells if "answer" in c.get("metadata", {}).get("tags", [])]
+    solutions = {}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and bs.BEGIN in cell.source:
+            kept = {line.strip() for line in bs.clear_solutions(cell.source, f"cell {i}")[0].splitlines()}
+            inside, region = set(), False
+            for line in cell.source.splitlines():
+                region = (region or line.strip() == bs.BEGIN) and line.strip() != bs.END
+                if region and line.strip() not in (bs.BEGIN, "") and not line.strip().startswith("#"):
+                    inside.add(line.strip())
+            solutions[i] = inside - kept
+            assert solutions[i], f"cell {i}: a solution region without a line of its own"
+    return answers, solutions
+
+
+def _released_without_key(nb, released, where: str) -> None:
+    answers, solutions = _key(nb)
+    assert answers, f"{where}: no answer cell to check"
+    text = "\n".join(c.source for c in released.cells)
+    leaked = [a[:60] for a in answers if a.strip() in text]
+    assert not leaked, f"{where}: model answers left in the released notebook: {leaked}"
+    assert len(released.cells) == len(nb.cells), f"{where}: cells added or removed"
+    for i, lines in solutions.items():
+        left = [line for line in released.cells[i].source.splitlines() if line.strip() in lines]
+        assert not left, f"{where}, cell {i}: solution code left: {left}"
+
+
 @pytest.mark.parametrize("name", WITH_EXERCISES)
-def test_nbgrader_clears_the_same_regions(name):
-    """nbgrader's own ClearSolutions accepts the complete notebook (markers, solution-cell metadata) and
-    removes exactly what our build removes: no solution line survives in either, the same cells are stubbed."""
-    ClearSolutions = pytest.importorskip("nbgrader.preprocessors").ClearSolutions
+def test_nbgrader_validates_and_clears_every_solution_and_answer(name):
+    """nbgrader's own metadata validator, CheckCellMetadata and ClearSolutions accept the complete notebook
+    (unique grade ids, solution and manually graded answer cells) and leave neither solution code nor a model
+    answer; the code cells they stub are the ones our student edition stubs."""
+    fmt, pre = _nbgrader("nbgrader.nbgraderformat"), _nbgrader("nbgrader.preprocessors")
     nb = nbformat.read(ROOT / name, as_version=4)
-    cleared, _ = ClearSolutions().preprocess(nbformat.from_dict(nb), {})
+    fmt.MetadataValidator().validate_nb(copy.deepcopy(nb))
+    checked, _ = pre.CheckCellMetadata().preprocess(copy.deepcopy(nb), {})
+    cleared, _ = pre.ClearSolutions().preprocess(checked, {"language": "python"})
+    _released_without_key(nb, cleared, name)
     ours, _ = bs.student_edition(nb, name)
-    ours_code = [c.source for c in ours.cells if c.cell_type == "code"]
-    theirs_code = [c.source for c in cleared.cells if c.cell_type == "code"]
-    assert len(ours_code) == len(theirs_code)
-    for mine, theirs, full in zip(ours_code, theirs_code, [c.source for c in nb.cells if c.cell_type == "code"]):
-        assert ("NotImplementedError(" in mine and "BEGIN SOLUTION" in full) == ("YOUR CODE HERE" in theirs)
-        assert [x for x in mine.splitlines() if "NotImplementedError" not in x] == [
-            x for x in theirs.splitlines() if "NotImplementedError" not in x and x.strip() != "# YOUR CODE HERE"]
+    for mine, theirs, full in zip([c.source for c in ours.cells], [c.source for c in cleared.cells],
+                                  [c.source for c in nb.cells]):
+        assert ("NotImplementedError(" in mine and bs.BEGIN in full) == ("YOUR CODE HERE" in theirs)
+
+
+def test_nbgrader_generate_assignment_releases_all_five_without_the_key(tmp_path):
+    """The command a teacher runs, on the five complete notebooks as they are in the repository."""
+    _nbgrader("nbgrader")
+    source = tmp_path / "source" / "dlcv"
+    source.mkdir(parents=True)
+    for name in WITH_EXERCISES:
+        shutil.copy(ROOT / name, source / name)
+    (tmp_path / "nbgrader_config.py").write_text('c = get_config()\nc.CourseDirectory.course_id = "dlcv"\n')
+    out = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", "dlcv", "--force"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in WITH_EXERCISES:
+        released = nbformat.read(tmp_path / "release" / "dlcv" / name, as_version=4)
+        _released_without_key(nbformat.read(ROOT / name, as_version=4), released, f"release/{name}")
 
 
 def test_student_editions_are_current():

@@ -10,7 +10,8 @@ The complete notebooks mark exercises exactly as nbgrader does, so a teacher can
   forward pass``). The student sees the region replaced by
   ``raise NotImplementedError("Exercise 1.2: the forward pass — …")`` at the same indentation;
 * answers to the written questions in markdown cells tagged ``answer``: removed (they are the key), and
-  replaced by an empty "Your answer" markdown cell for the student.
+  replaced by an empty "Your answer" markdown cell for the student. For nbgrader they are manually graded
+  answer cells (one point each), whose text ``nbgrader generate_assignment`` replaces by its stub.
 
 Outputs and execution counts are cleared, and the title cell says that this is the student edition and
 where the complete one is. A notebook without exercises gets no student edition.
@@ -71,19 +72,39 @@ def clear_solutions(source: str, where: str) -> tuple[str, list[str]]:
     return "\n".join(out), labels
 
 
-def mark_for_nbgrader(nb) -> bool:
-    """Give every code cell holding a solution region nbgrader's solution-cell metadata (ClearSolutions refuses
-    regions in unmarked cells); True when a cell changed."""
-    changed = False
+def nbgrader_metadata(nb, number: str) -> list[dict | None]:
+    """nbgrader's metadata for each cell of notebook `number`: solution cells for the code holding solution
+    regions (autograded answers: nbgrader stubs their regions), manually graded answer cells for the markdown
+    answers tagged `answer` (nbgrader replaces their text by its stub, so the key never reaches students);
+    every grade_id unique (nbgrader refuses duplicates)."""
+    metas, used = [], set()
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code" or BEGIN not in cell.source:
+        if cell.cell_type == "code" and BEGIN in cell.source:
+            _, labels = clear_solutions(cell.source, f"cell {i}")
+            base = "exercise-" + re.search(r"\d+\.\d+", labels[0]).group(0).replace(".", "-")
+            meta = {"grade": False, "solution": True}
+        elif cell.cell_type == "markdown" and "answer" in cell.get("metadata", {}).get("tags", []):
+            base = f"answer-{number}-{sum(1 for m in metas if m and m['grade']) + 1}"
+            meta = {"grade": True, "solution": True, "points": 1}
+        else:
+            metas.append(None)
             continue
-        _, labels = clear_solutions(cell.source, f"cell {i}")
-        number = re.search(r"\d+\.\d+", labels[0]).group(0).replace(".", "-")
-        meta = {"grade": False, "grade_id": f"exercise-{number}" + (f"-{i}" if len(labels) > 1 else ""),
-                "locked": False, "schema_version": 3, "solution": True}
-        if cell.metadata.get("nbgrader") != meta:
+        grade_id = next(f"{base}{suffix}" for suffix in ["", *(f"-{k}" for k in range(2, 99))]
+                        if f"{base}{suffix}" not in used)
+        used.add(grade_id)
+        metas.append(meta | {"grade_id": grade_id, "locked": False, "schema_version": 3})
+    return metas
+
+
+def mark_for_nbgrader(nb, number: str) -> bool:
+    """Give solution and answer cells their nbgrader metadata (see nbgrader_metadata); True when one changed."""
+    changed = False
+    for cell, meta in zip(nb.cells, nbgrader_metadata(nb, number)):
+        if meta is not None and cell.metadata.get("nbgrader") != meta:
             cell.metadata["nbgrader"] = meta
+            changed = True
+        elif meta is None and "nbgrader" in cell.metadata:
+            del cell.metadata["nbgrader"]
             changed = True
     return changed
 
@@ -130,7 +151,7 @@ def build(check: bool = False, only=()) -> list[str]:
         nb = nbformat.read(path, as_version=4)
         if not has_exercises(nb):
             continue
-        if mark_for_nbgrader(nb):
+        if mark_for_nbgrader(nb, path.stem.rsplit("_", 1)[-1]):
             changed.append(f"{path.name} (nbgrader metadata)")
             if not check:
                 nbformat.write(nb, path)

@@ -25,7 +25,8 @@ def pick_device() -> torch.device:
             torch.ones(1, device="cuda").add_(1)
             return torch.device("cuda")
         except RuntimeError as err:
-            print(f"Skipping CUDA ({err}); on Kaggle, choose the T4. Running on the CPU.")
+            print(f"Skipping CUDA ({torch.cuda.get_device_name(0)}: {err}); on Kaggle, choose the "
+                  "T4. Running on the CPU.")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
