@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -81,3 +82,47 @@ def test_prose_follows_the_notebook_but_code_must_match():
     next(c for c in run.cells if c.cell_type == "code").source += "\n# edited"
     with pytest.raises(execute.ExecuteError, match="differs"):
         execute.take_prose(run, current)
+
+
+def test_a_failed_run_is_kept_with_its_log_and_the_next_notebook_still_runs(monkeypatch, tmp_path, capsys):
+    """papermill fails in a cell: the notebook as far as it ran and the log stay; main() goes on and exits 1."""
+    import papermill
+
+    def failing(inp, out, **kw):
+        Path(out).write_text("{partial notebook}")
+        kw["stdout_file"].write("cell 7 printed this\n")
+        raise RuntimeError("PapermillExecutionError in cell 7")
+
+    monkeypatch.setattr(execute, "WORK", tmp_path / "work")
+    monkeypatch.setattr(execute, "ROOT", tmp_path)
+    monkeypatch.setattr(papermill, "execute_notebook", failing)
+    with pytest.raises(execute.ExecuteError, match="work/homework_3/") as err:
+        execute.papermill_run(3, tmp_path)
+    assert "cell 7" in str(err.value)
+    assert (tmp_path / "work" / "homework_3" / "run.ipynb").read_text() == "{partial notebook}"
+    assert "cell 7 printed this" in (tmp_path / "work" / "homework_3" / "log.txt").read_text()
+    done = []
+
+    def run(number, *args):
+        done.append(number)
+        if number == 1:
+            raise execute.ExecuteError("homework 1: would be 3.7 MB")
+        raise ValueError("an unexpected bug")
+
+    monkeypatch.setattr(execute, "run", run)
+    assert execute.main(["1", "2", "--data", str(tmp_path)]) == 1 and done == [1, 2]
+    said = capsys.readouterr().err
+    assert "3.7 MB" in said and "ValueError: an unexpected bug" in said and "homework 1, homework 2" in said
+
+
+def test_the_header_says_what_came_from_the_run_store():
+    runs = {"a": {"loaded": True, "date": "2026-12-06 10:00", "seconds": 9.0},
+            "b": {"loaded": True, "date": "2026-12-07 11:00", "seconds": 9.0},
+            "c": {"loaded": False, "date": "2026-12-07 12:00", "seconds": 9.0}}
+    note = execute.store_note({"runs": runs})
+    assert "2 of its 3 training runs were loaded from the run store" in note
+    assert "between 2026-12-06 10:00 and 2026-12-07 11:00" in note
+    assert "All 1 training runs trained" in execute.store_note({"runs": {"c": runs["c"]}})
+    header = execute.header_cell(5, {"seconds": 61.0, "precision": "bf16", "torch": "2.14", "runs": runs}, "d", "m",
+                                 "2026-12-07")
+    assert "61 s" in header.source and "2 of its 3" in header.source and "*after* finishing" in header.source
