@@ -153,7 +153,7 @@ def test_nothing_found_says_what_was_tried_and_the_cifar_fixes(cf, tmp_path):
     with pytest.raises(cf.DataNotFoundError) as err:
         cf.find_cifar10(_folders(tmp_path, data=tmp_path / "nothing"), kaggle_root=tmp_path / "none")
     text = str(err.value)
-    assert "DLCV_DATA_DIR/cifar10: missing" in text and "DLCV_OFFLINE=1" in text
+    assert f"$DLCV_DATA_DIR/cifar10 ({tmp_path / 'nothing'})" in text and "DLCV_OFFLINE=1" in text
     assert "torchvision can download CIFAR-10" in text and "cifar-10-batches-py layout" in text
 
 
@@ -206,7 +206,7 @@ def test_a_broken_download_is_refused_not_trusted_and_fetched_again(cf, tmp_path
     with pytest.raises(cf.DataNotFoundError) as err:
         cf.find_cifar10(f, kaggle_root=tmp_path / "none")
     text = str(err.value)
-    assert "download into" in text and "torchvision can download CIFAR-10" in text
+    assert "a download (" in text and "torchvision can download CIFAR-10" in text
     if serve == "missing":
         assert "404" in text
     cache = tmp_path / "cache" / "cifar10"

@@ -295,8 +295,9 @@ def test_profile_models_take_a_training_step(hw, profile):
         hist = hw.train_model(model, terms, x, x[:2], steps=1, batch_size=cfg["batch_size"], lr=cfg["lr"],
                               eval_every=cfg["eval_every"], precision=precision, warmup_steps=cfg["warmup_steps"])
         assert hist["step"] == [0, 1] and all(math.isfinite(v) for v in hist["val_objective"])
-    clf = hw.train_classifier(x, [0, 1, 2, 3], hidden=cfg["clf_hidden"], steps=1, batch_size=cfg["batch_size"],
-                              lr=cfg["lr"], precision=precision)
+    clf = hw.mlp([784, cfg["clf_hidden"], 10])
+    assert hw.train_classifier(clf, x, [0, 1, 2, 3], steps=1, batch_size=cfg["batch_size"], lr=cfg["lr"],
+                               precision=precision) == {"steps": 1}
     conf, pred = hw.classifier_view(clf, x)
     assert conf.shape == (4,) and pred.shape == (4,)
 
@@ -453,7 +454,7 @@ def test_download_broken_is_refused_then_repaired(hw, tmp_path, mirror, defect):
     routes[f"/mnist/{name}"] = ((good[: len(good) // 2], len(good)) if defect == "truncated"  # connection drops
                                 else (good[:-40] + bytes(40), None))  # complete, but not the file of that md5
     folders = dict(results=tmp_path / "r", data=None, cache=tmp_path / "cache", offline=False)
-    with pytest.raises(hw.DataNotFoundError, match="download into"):
+    with pytest.raises(hw.DataNotFoundError, match="a download \\("):
         hw.find_data("MNIST", hw.mnist_folder, folders, hw.MNIST_FIXES, hw.download_mnist, tmp_path / "none")
     assert hw.mnist_folder(tmp_path / "cache" / "MNIST") is None, "a broken download must not look complete"
     routes[f"/mnist/{name}"] = (good, None)  # the mirror is repaired: the next run downloads it whole

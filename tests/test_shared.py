@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def sh():
-    return load_lib(NOTEBOOKS[-1], tag="shared")  # TEMP while hw1-4 are edited
+    return load_lib(NOTEBOOKS[0], tag="shared")
 
 
 def test_shared_cells_are_identical():
@@ -292,11 +292,12 @@ def test_find_data_resolution_order(sh, tmp_path):
     calls = []
     download = lambda cache: calls.append(cache)  # noqa: E731
     found = sh.find_data("xray", _locate, _folders(tmp_path, data), [], download, kaggle_root=kaggle)
-    assert found == (data / "xray", str(data / "xray"), "synthetic")
+    assert found == (data / "xray", f"DLCV_DATA_DIR ({data / 'xray'})", "synthetic")
     path, origin, source = sh.find_data("xray", _locate, _folders(tmp_path), [], download, kaggle_root=kaggle)
-    assert path == kaggle / "someone" / "xray-dataset" / "v2" and origin == str(path) and source == "real"
+    assert path == kaggle / "someone" / "xray-dataset" / "v2" and origin == f"Kaggle input ({path})"
+    assert source == "real"
     path, origin, _ = sh.find_data("xray", _locate, _folders(tmp_path), [], download, kaggle_root=tmp_path / "no")
-    assert path == tmp_path / "cache" / "xray" and origin == str(path) and calls == []
+    assert path == tmp_path / "cache" / "xray" and origin == f"download cache ({path})" and calls == []
 
 
 def test_find_data_downloads_into_the_cache_unless_offline(sh, tmp_path):
@@ -311,7 +312,7 @@ def test_find_data_downloads_into_the_cache_unless_offline(sh, tmp_path):
     assert calls == []
     path, origin, source = sh.find_data("xray", _locate, _folders(tmp_path), [], download, kaggle_root=tmp_path / "no")
     assert calls == [tmp_path / "cache" / "xray"] and path == tmp_path / "cache" / "xray" / "unpacked"
-    assert origin == str(path) and source == "real"
+    assert origin == f"download ({path})" and source == "real"
 
 
 def test_find_data_error_lists_what_was_tried_and_the_fixes(sh, tmp_path):

@@ -1,5 +1,5 @@
 # %%
-# @title Shared 1/6: imports, the device (cuda → mps → cpu) and the run profile
+# @title Shared 1/7: imports, the device (cuda → mps → cpu) and the run profile
 import hashlib
 import inspect
 import io
@@ -39,7 +39,7 @@ def resolve_profile(requested, device: torch.device) -> str:
 
 
 # %%
-# @title Shared 2/6: precision by a fixed rule, autocast, one optimizer step
+# @title Shared 2/7: precision by a fixed rule, autocast, one optimizer step
 def cpu_native_bf16(cpuinfo_text=None) -> bool:  # AVX512-BF16, AMX or ARM BF16
     info = Path("/proc/cpuinfo")
     text = cpuinfo_text if cpuinfo_text is not None else info.read_text() if info.exists() else ""
@@ -49,7 +49,6 @@ def cpu_native_bf16(cpuinfo_text=None) -> bool:  # AVX512-BF16, AMX or ARM BF16
 
 
 def choose_precision(device: torch.device, cpu_bf16_gains: bool, native_bf16=None) -> dict:
-    """CPU: bf16 if native and the model gains (`cpu_bf16_gains`, measured by the maintainers)."""
     forced = os.environ.get("DLCV_PRECISION", "auto").lower()
     if forced not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"DLCV_PRECISION={forced!r}: use auto, fp32, bf16 or fp16.")
@@ -67,7 +66,7 @@ def choose_precision(device: torch.device, cpu_bf16_gains: bool, native_bf16=Non
                 device_type=device.type, reason=reason)
 
 
-def autocast(precision: dict):  # a training step's forward pass (metrics: fp32)
+def autocast(precision: dict):  # for training steps (metrics: fp32)
     dtype = precision["amp_dtype"]
     return torch.autocast(precision["device_type"], dtype=dtype, enabled=bool(dtype))
 
@@ -88,7 +87,7 @@ def optimizer_step(loss, optimizer, scaler, scheduler=None) -> bool:
 
 
 # %%
-# @title Shared 3/6: seeds, folders, the first line of output
+# @title Shared 3/7: seeds, folders, the first line of output
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -113,7 +112,7 @@ def describe_run(profile, device, precision, data_source, data_origin, runtime, 
 
 
 # %%
-# @title Shared 4/6: the noise rule, lessons checked by the run, the results file
+# @title Shared 4/7: the noise rule, lessons checked by the run, the results file
 def beyond_noise(a, b, paired: bool) -> tuple:
     """(mean(a) − mean(b), its SE, beyond 2 SE?); paired: the same items were scored."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -148,7 +147,7 @@ def save_results(folders, notebook, profile, device, precision, data_source, sec
 
 
 # %%
-# @title Shared 5/6: finding the data, random samples, exercise checks
+# @title Shared 5/7: finding the data, random samples, exercise checks
 class DataNotFoundError(RuntimeError): ...
 
 
@@ -158,21 +157,26 @@ class DataLayoutError(RuntimeError): ...
 def find_data(name, locate, folders, fixes, download=None, kaggle_root="/kaggle/input") -> tuple:
     """(folder, origin, "real"/"synthetic"); `locate(path)`: the data folder in `path`, or None."""
     cache, level, error = Path(folders["cache"]) / name, [Path(kaggle_root)], "not needed"
-    hit = folders["data"] and locate(Path(folders["data"]) / name)
-    for _ in range(4 * (not hit)):  # a Kaggle input mount, searched four folders deep
+    hit, origin = folders["data"] and locate(Path(folders["data"]) / name), "DLCV_DATA_DIR"
+    for _ in range(4 * (not hit)):  # Kaggle input mounts, four folders deep
         level = [sub for f in level if f.is_dir() for sub in sorted(f.iterdir()) if sub.is_dir()]
         if hit := next(filter(None, map(locate, level)), None):
+            origin = "Kaggle input"
             break
     try:
-        if not (hit := hit or locate(cache)):
+        if not hit and (hit := locate(cache)):
+            origin = "download cache"
+        elif not hit:
             if folders["offline"] or not download:
                 raise RuntimeError("skipped: DLCV_OFFLINE=1" if download else "none for this data")
             if not (hit := locate(Path(download(cache)))):
-                raise DataLayoutError("it finished, but the files are not in the expected layout")
-    except Exception as err:  # no internet, DNS failure, timeout, checksum mismatch, disk full …
+                raise DataLayoutError("finished, but the files are not in the expected layout")
+            origin = "download"
+    except Exception as err:
         error = f"{type(err).__name__}: {err}"
-    if hit:  # the tests' synthetic stand-ins hold a file named SYNTHETIC
-        return hit, str(hit), "synthetic" if (Path(hit) / "SYNTHETIC").exists() else "real"
+    if hit:
+        synthetic = (Path(hit) / "SYNTHETIC").exists()
+        return hit, f"{origin} ({hit})", "synthetic" if synthetic else "real"
     fixes = "".join(f"\n  {i}. {fix}" for i, fix in enumerate(fixes, 1))
     raise DataNotFoundError(f"Could not find the {name} data. Tried: $DLCV_DATA_DIR/{name} "
                             f"({folders['data'] or 'not set'}), Kaggle inputs under {kaggle_root}, "
@@ -203,26 +207,27 @@ def passed(exercise: str, what: str) -> None:
 
 
 # %%
-# @title Shared 6/6: resumable runs: finished training runs kept, loaded while unchanged
+# @title Shared 6/7: resumable runs: a run's key (settings, data, code, weights)
 def code_of(*roots) -> str:
     """The source of the notebook's functions (methods too) that `roots` reach by name."""
     seen, todo = set(), list(roots)
     while todo:
         f = todo.pop()
-        if getattr(f, "__module__", 0) != roots[0].__module__ or not callable(f) or f in seen:
+        f = f if inspect.isfunction(f) or inspect.isclass(f) else type(f)  # objects: their class
+        if getattr(f, "__module__", 0) != roots[0].__module__ or f in seen:
             continue
         seen.add(f)
         if inspect.isclass(f):
             todo += [*f.__bases__, *vars(f).values()]
         elif inspect.isfunction(f):
             codes = [f.__code__]
-            for code in codes:  # with its lambdas and comprehensions
+            for code in codes:  # with its lambdas, comprehensions
                 codes += [c for c in code.co_consts if inspect.iscode(c)]
                 todo += [f.__globals__.get(name) for name in code.co_names]
     return "".join(sorted(inspect.getsource(f) for f in seen if inspect.isfunction(f)))
 
 
-def fingerprint(x):  # tensors, arrays and models by a hash of their values
+def fingerprint(x):  # tensors, arrays, models: a hash
     if isinstance(x, nn.Module | dict):
         x = list((x.state_dict() if isinstance(x, nn.Module) else x).items())
     if isinstance(x, list | tuple):
@@ -234,9 +239,11 @@ def fingerprint(x):  # tensors, arrays and models by a hash of their values
     return x.__qualname__ if callable(x) else str(x)
 
 
+# %%
+# @title Shared 7/7: resumable runs: the store (finished runs kept, loaded while unchanged)
 class RunStore:
     def __init__(self, folders, notebook, profile, seed, device, precision, switch=None):
-        if (switch := switch or os.environ.get("DLCV_RUNS") or "on") not in ("on", "off"):
+        if (switch := switch or os.environ.get("DLCV_RUNS", "on")) not in ("on", "off"):
             raise ValueError(f"RUNS or $DLCV_RUNS is {switch!r}: use on or off.")
         self.folder = Path(folders["cache"], "runs", notebook) if switch == "on" else None
         self.context = [profile, seed, device.type, precision["name"], torch.__version__[:4]]
