@@ -27,9 +27,12 @@ def test_a_second_run_loads_every_training_run_and_gives_the_same_results(name, 
     nb = nbformat.read(ROOT / name, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     second = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert first["runs_trained"] > 0 and first["runs_loaded"] == 0, "the first run trains every arm"
+    # the first run trained what no earlier run of this session had (a student edition stops at its first
+    # exercise, after training what comes before it); the second trains nothing
+    assert first["runs_trained"] > 0, "the first run trained nothing"
     assert second["runs_trained"] == 0, f"trained again: {[k for k, a in second['runs'].items() if not a['loaded']]}"
-    assert second["runs_loaded"] == first["runs_trained"] and second["runs"].keys() == first["runs"].keys()
+    assert second["runs_loaded"] == first["runs_loaded"] + first["runs_trained"]
+    assert second["runs"].keys() == first["runs"].keys()
     differ = sorted(k for k in first["metrics"] if first["metrics"][k] != second["metrics"].get(k))
     assert not differ, f"{name}: metrics {differ} differ between the fresh run and the run from the store"
     assert second["lessons"] == first["lessons"]
