@@ -37,7 +37,7 @@ def test_the_first_printed_line_and_the_header_say_the_same(name):
 def test_reference_minutes_hand_worked():
     entry = {"seconds": 1108.0, "date": "2026-12-02", "machine": "2-core Xeon", "factor": 0.9}
     assert runtimes.short(entry, "cpu") == "≈ 21 reference min (1,108 s on 2-core Xeon, 2026-12-02)"  # 20.5 min
-    assert runtimes.short(entry | {"seconds": 41.6}, "smoke") == "≈ 42 s (2-core Xeon, 2026-12-02)"
+    assert runtimes.short(entry | {"seconds": 41.6}, "smoke") == "≈ 42 s after imports (2-core Xeon, 2026-12-02)"
     assert runtimes.short(None, "full") == "not measured yet"
 
 
