@@ -56,7 +56,7 @@ def runtime_block(entries: dict) -> str:
     body = "".join(f'    "{p}": "{short(entries.get(p), p)}",\n' for p in PROFILES)
     if max(map(len, body.splitlines())) > 100:
         raise SystemExit(f"a RUNTIME line is over 100 characters; shorten the machine's name:\n{body}")
-    return f"RUNTIME = {{  # measured, nothing loaded from the run store (written by tools/runtimes.py)\n{body}}}"
+    return f"RUNTIME = {{  # measured fresh runs (tools/runtimes.py)\n{body}}}"
 
 
 def header_line(entries: dict) -> str:
@@ -128,9 +128,9 @@ def describe_machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    name = re.sub(r"\((R|TM)\)|CPU|Processor|@.*", "", model.group(1) if model else "CPU").split()[:2]
+    name = re.sub(r"\((R|TM)\)|CPU|Processor|Intel|AMD|@.*", "", model.group(1) if model else "CPU").split()
     bf16 = "native bf16" if ("avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo) else "no native bf16"
-    return f"{cores}-core {' '.join(name)}, {bf16}"
+    return f"{cores}-core {name[0] if name else 'CPU'}, {bf16}"
 
 
 def parse_factors(text: str | None) -> dict:
