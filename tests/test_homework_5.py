@@ -484,47 +484,118 @@ def test_synthetic_mnist_is_learnable():
 
 def test_checks_pass_the_notebooks_solutions(hw, capsys):
     hw.check_vae_model(hw.VAE)
+    hw.check_reparameterise(hw.reparameterise)
+    hw.check_kl(hw.kl_to_prior)
     hw.check_vae_terms(hw.vae_terms, hw.VAE)
     hw.check_neg_log_mean_exp(hw.neg_log_mean_exp)
     hw.check_experiment("more", " ".join(["word"] * 20), 10, 12)
     out = capsys.readouterr().out
-    assert all(f"✓ Exercise 5.{i}" in out for i in range(1, 5))
+    assert all(f"✓ Exercise 5.{i}" in out for i in ("1", "2a", "2b", "2c", "3", "4"))
 
 
-def _wrong_vae(hw, kind):
-    class Wrong(hw.VAE):
-        def __init__(self, hidden=(512, 512), latent=32, pixels=784):
-            super().__init__(hidden, latent, pixels)
-            if kind == "encoder outputs latent numbers":
-                self.encoder = hw.mlp([pixels, *hidden, latent])
-            if kind == "ReLU after the decoder":
-                self.decoder = torch.nn.Sequential(*self.decoder, torch.nn.ReLU())
+def test_the_hand_worked_values_of_the_checks_are_right(hw):
+    """The constants the checks compare with, against torch.distributions (independent of both)."""
+    q = torch.distributions.Normal(hw._MU, (hw._LOGVAR.exp()) ** 0.5)
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(kl, hw._KL, atol=1e-5)
+    assert torch.allclose(q.icdf(torch.distributions.Normal(0.0, 1.0).cdf(hw._EPS)), hw._Z, atol=1e-4)
 
-        def encode(self, x):
-            mu, logvar = super().encode(x)
-            return (mu, F.softplus(logvar)) if kind == "softplus on logvar" else (
-                (mu, logvar.exp()) if kind == "variance instead of log-variance" else (mu, logvar))
 
-        def decode(self, z):
-            logits = super().decode(z)
-            return torch.sigmoid(logits) if kind == "sigmoid decoder" else logits
+class _Designs:
+    """Plausible VAE designs, right and wrong, written as a student would (not by editing the solution)."""
 
-    return Wrong
+    @staticmethod
+    def make(hw, kind):
+        class VAE(torch.nn.Module):
+            def __init__(self, hidden=(512, 512), latent=32, pixels=784):
+                super().__init__()
+                self.latent = latent
+                out = latent if kind == "encoder outputs latent numbers" else 2 * latent
+                if kind == "two heads":
+                    self.body = torch.nn.Sequential(torch.nn.Linear(pixels, hidden[0]), torch.nn.GELU())
+                    self.mu, self.logvar = torch.nn.Linear(hidden[0], latent), torch.nn.Linear(hidden[0], latent)
+                else:
+                    self.encoder = hw.mlp([pixels, *hidden, out])
+                self.decoder = hw.mlp([latent, *reversed(hidden), pixels])
+
+            def encode(self, x):
+                if kind == "two heads":
+                    h = self.body(x)
+                    return self.mu(h), self.logvar(h)
+                mu, logvar = self.encoder(x).chunk(2, dim=-1)
+                if kind == "softplus on logvar":
+                    logvar = F.softplus(logvar)
+                if kind == "variance instead of log-variance":
+                    logvar = logvar.exp()
+                return mu, logvar
+
+            def decode(self, z):
+                logits = self.decoder(z)
+                if kind == "ReLU after the decoder":
+                    return torch.relu(logits)
+                return torch.sigmoid(logits) if kind == "sigmoid decoder" else logits
+
+        return VAE
 
 
 WRONG_VAE = {
-    "encoder outputs latent numbers": "two halves",
-    "softplus on logvar": "no activation",
-    "variance instead of log-variance": "no activation",
-    "sigmoid decoder": "applies the sigmoid",
-    "ReLU after the decoder": "applies the sigmoid",
+    "encoder outputs latent numbers": "one mean and one log-variance per latent dimension",
+    "softplus on logvar": "which values can a logarithm take",
+    "variance instead of log-variance": "which values can a logarithm take",
+    "sigmoid decoder": "applies the sigmoid itself",
+    "ReLU after the decoder": "applies the sigmoid itself",
 }
 
 
 @pytest.mark.parametrize("wrong", list(WRONG_VAE))
 def test_check_vae_model_catches(hw, wrong):
     with pytest.raises(AssertionError, match=f"(?s)Exercise 5.1.*Hint:.*{WRONG_VAE[wrong]}"):
-        hw.check_vae_model(_wrong_vae(hw, wrong))
+        hw.check_vae_model(_Designs.make(hw, wrong))
+
+
+def test_another_sound_design_passes_the_checks_and_trains(hw, fp32, capsys):
+    """A shared body with two heads (no `encoder` attribute) is a design the checks and the loop accept."""
+    design = _Designs.make(hw, "two heads")
+    hw.check_vae_model(design)
+    hw.check_vae_terms(hw.vae_terms, design)
+    model = design((16,), 3)
+    hw.init_output_bias(model, binary(20))
+    hist = hw.train_model(model, hw.vae_terms, binary(20), binary(4), **settings(fp32))
+    assert "✓ Exercise 5.1" in capsys.readouterr().out and len(hist["val_objective"]) == 3
+
+
+WRONG_REPARAMETERISE = {
+    "variance instead of std": lambda mu, logvar, eps: mu + torch.exp(logvar) * eps,
+    "log-variance as σ": lambda mu, logvar, eps: mu + logvar * eps,
+    "no σ": lambda mu, logvar, eps: mu + eps,
+    "σ = exp(log σ²)/2": lambda mu, logvar, eps: mu + 0.5 * torch.exp(logvar) * eps,
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_REPARAMETERISE))
+def test_check_reparameterise_catches(hw, wrong):
+    with pytest.raises(AssertionError, match="(?s)Exercise 5.2a.*Hint:.*standard deviation"):
+        hw.check_reparameterise(WRONG_REPARAMETERISE[wrong])
+
+
+def _terms(mu, logvar):
+    return mu.pow(2) + logvar.exp() - 1 - logvar
+
+
+WRONG_KL = {
+    "no KL": lambda mu, logvar: torch.zeros(len(mu)),
+    "KL without the −1": lambda mu, logvar: 0.5 * (_terms(mu, logvar) + 1).sum(-1),
+    "KL without the ½": lambda mu, logvar: _terms(mu, logvar).sum(-1),
+    "KL mean over dimensions": lambda mu, logvar: 0.5 * _terms(mu, logvar).mean(-1),
+    "KL with σ for σ²": lambda mu, logvar: 0.5 * (mu.pow(2) + torch.exp(0.5 * logvar) - 1 - logvar).sum(-1),
+    "KL with the wrong sign": lambda mu, logvar: -0.5 * _terms(mu, logvar).sum(-1),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG_KL))
+def test_check_kl_catches(hw, wrong):
+    with pytest.raises(AssertionError, match="(?s)Exercise 5.2b.*Hint:.*mind the ½, the signs"):
+        hw.check_kl(WRONG_KL[wrong])
 
 
 def _wrong_vae_terms(hw, kind):
@@ -535,8 +606,7 @@ def _wrong_vae_terms(hw, kind):
                 kind, torch.randn_like(mu))
         if kind == "ignores the given eps":
             eps = torch.randn_like(mu)
-        std = torch.exp(logvar) if kind == "variance instead of std" else torch.exp(0.5 * logvar)
-        z = mu if kind == "decodes mu" else mu + std * eps
+        z = mu if kind == "decodes mu" else hw.reparameterise(mu, logvar, eps)
         if kind == "detached z":
             z = z.detach()
         logits = model.decode(z)
@@ -544,37 +614,28 @@ def _wrong_vae_terms(hw, kind):
         rec = {"mean over pixels": F.binary_cross_entropy_with_logits(logits, x, reduction="none").mean(-1),
                "log-likelihood, not its negative": -rec, "batch mean": rec.mean(),
                "mean squared error": ((torch.sigmoid(logits) - x) ** 2).sum(-1)}.get(kind, rec)
-        terms = mu.pow(2) + logvar.exp() - 1 - logvar
-        kl = {"no KL": torch.zeros_like(rec), "KL without the −1": 0.5 * (terms + 1).sum(-1),
-              "KL without the ½": terms.sum(-1), "KL mean over dimensions": 0.5 * terms.mean(-1),
-              "KL with σ for σ²": 0.5 * (mu.pow(2) + torch.exp(0.5 * logvar) - 1 - logvar).sum(-1)}.get(
-            kind, 0.5 * terms.sum(-1))
+        kl = torch.zeros_like(rec) if kind == "no KL" else hw.kl_to_prior(mu, logvar)
         return rec, kl
     return fn
 
 
 WRONG_VAE_TERMS = {
-    "decodes mu": "decode z, not μ",
-    "variance instead of std": "standard DEVIATION",
-    "ignores the given eps": "use the given eps",
+    "decodes mu": "not μ",
+    "ignores the given eps": "not μ",
     "detached z": r"no \.detach\(\)",
-    "mean over pixels": "summed over the pixels",
-    "log-likelihood, not its negative": "positive number",
+    "mean over pixels": "nats per image are positive",
+    "log-likelihood, not its negative": "nats per image are positive",
     "batch mean": "one number per image",
     "mean squared error": "bernoulli_log_likelihood",
-    "no KL": "mind the ½",
-    "KL without the −1": "constant term",
-    "KL without the ½": "mind the ½",
-    "KL mean over dimensions": "not a mean",
-    "KL with σ for σ²": "the variance, not σ",
-    "uniform noise": "not uniform",
+    "no KL": "kl_to_prior",
+    "uniform noise": "standard normal",
     "noise drawn once": "afresh",
 }
 
 
 @pytest.mark.parametrize("wrong", list(WRONG_VAE_TERMS))
 def test_check_vae_terms_catches(hw, wrong):
-    with pytest.raises(AssertionError, match=f"(?s)Exercise 5.2.*Hint:.*{WRONG_VAE_TERMS[wrong]}"):
+    with pytest.raises(AssertionError, match=f"(?s)Exercise 5.2c.*Hint:.*{WRONG_VAE_TERMS[wrong]}"):
         hw.check_vae_terms(_wrong_vae_terms(hw, wrong), hw.VAE)
 
 
