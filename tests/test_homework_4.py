@@ -62,9 +62,9 @@ def test_unet_output_size_equals_input_size(hw, hw_size, skips):
 
 @pytest.mark.parametrize("hw_size", [(64, 64), (37, 53), (5, 3), (130, 67)])
 def test_unshuffled_unet_output_size(hw, hw_size):
-    net = hw.UNet(depth=3, width=4, unshuffle=2, residual=True).eval()
+    net = hw.DenoisingUNet(depth=3, width=4, unshuffle=2).eval()
     with torch.no_grad():
-        torch.nn.init.normal_(net.head.weight)  # make the correction non-zero so its shape matters
+        torch.nn.init.normal_(net.unet.head.weight)  # make the correction non-zero so its shape matters
         out = net(torch.rand(1, 1, *hw_size))
     assert out.shape == (1, 1, *hw_size)
 
@@ -73,21 +73,19 @@ def test_unshuffled_unet_output_size(hw, hw_size):
 def test_residual_unet_is_the_identity_as_built(hw, unshuffle):
     """No re-zeroing here: the constructor itself must make the untrained denoiser return its input."""
     torch.manual_seed(0)
-    net = hw.UNet(depth=2, width=4, residual=True, unshuffle=unshuffle).eval()
+    net = hw.DenoisingUNet(depth=2, width=4, unshuffle=unshuffle).eval()
     x = torch.rand(2, 1, 30, 41)
     with torch.no_grad():
         assert torch.equal(net(x), x)
     net.train()  # batch statistics change the features, not the zero head
     with torch.no_grad():
         assert torch.equal(net(x), x)
-    with pytest.raises(ValueError, match="in_ch == out_ch"):
-        hw.UNet(in_ch=1, out_ch=2, residual=True)
 
 
 def test_residual_unet_with_shortcut_starts_as_scipys_gaussian_filter(hw):
     rng = np.random.default_rng(1)
     image = rng.random((40, 52)).astype(np.float32)
-    net = hw.UNet(depth=2, width=4, residual=True, shortcut_sigma=1.4).eval()
+    net = hw.DenoisingUNet(depth=2, width=4, shortcut_sigma=1.4).eval()
     with torch.no_grad():
         out = net(torch.from_numpy(image)[None, None])[0, 0].numpy()
     np.testing.assert_allclose(out, ndimage.gaussian_filter(image.astype(np.float64), 1.4), atol=1e-5)
@@ -142,13 +140,6 @@ def test_skips_carry_full_resolution_detail(hw):
     assert without > 0.3 * noise_variance, without
 
 
-def test_parameters_by_hand_match_torch(hw):
-    """The check's reference count (read off the diagram) against torch's own count of real U-Nets."""
-    for depth, width, skips in [(2, 4, True), (3, 8, False), (4, 16, True), (4, 16, False)]:
-        assert hw.unet_params_by_hand(depth, width, skips) == hw.n_params(
-            hw.UNet(out_ch=2, depth=depth, width=width, skips=skips))
-
-
 def _wrong_unet(hw, kind):
     """A plausible wrong answer to exercise 4.1, as a subclass of the notebook's UNet."""
 
@@ -161,9 +152,6 @@ def _wrong_unet(hw, kind):
                                                for i in range(self.depth)])
                 self.merge = torch.nn.ModuleList([hw.conv_block(ch[i + 1] + (ch[i] if self.skips else 0), ch[i])
                                                   for i in range(self.depth)])
-            if kind == "4x4 up-conv":  # same sizes and channels as the diagram, another layer (more weights)
-                self.up = torch.nn.ModuleList([torch.nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1)
-                                               for i in range(self.depth)])
             if kind == "merge not doubled":  # forgets that concatenation doubles the channels
                 self.merge = torch.nn.ModuleList([hw.conv_block(ch[i], ch[i]) for i in range(self.depth)])
 
@@ -185,12 +173,29 @@ def test_check_unet_passes_the_solution_and_fails_wrong_ones(hw, capsys):
     assert "✓ Exercise 4.1" in capsys.readouterr().out
     for kind, message in [("upsampled twice", "one-pixel change.*Hint:.*level-0 skip"),
                           ("wide up-conv", "decoder level 0: the merge block received"),
-                          ("4x4 up-conv", "parameters, the diagram gives"),
                           ("skips flag ignored", "skips=False.*raised"),
                           ("merge not doubled", "skips=True.*raised"),
                           ("added, not concatenated", "skips=True.*raised")]:
         with pytest.raises(AssertionError, match=f"(?s)Exercise 4.1.*{message}"):
             hw.check_unet(_wrong_unet(hw, kind))
+
+
+@pytest.mark.parametrize("kind", ["4x4", "bilinear"])
+def test_another_upsampling_design_passes(hw, capsys, kind):
+    """The layers are the student's choice: a 4×4 transposed convolution, or bilinear upsampling and a 1×1
+    convolution, gives the same sizes and channels as the diagram and passes."""
+    class Other(hw.UNet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            ch = [m[0].out_channels for m in self.down]
+            self.up = torch.nn.ModuleList([
+                torch.nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1) if kind == "4x4" else
+                torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+                                    torch.nn.Conv2d(ch[i + 1], ch[i], 1))
+                for i in range(self.depth)])
+
+    hw.check_unet(Other)
+    assert "✓ Exercise 4.1" in capsys.readouterr().out
 
 
 def test_student_stub_stops_with_not_implemented(hw):
@@ -207,13 +212,13 @@ def test_student_stub_stops_with_not_implemented(hw):
 
 def test_receptive_fields_by_hand_and_by_measurement(hw):
     assert hw.encoder_receptive_fields(4) == [5, 14, 32, 68, 140]
-    assert hw.measured_receptive_fields(4) == [5, 14, 32, 68, 140]
+    assert hw._measured_receptive_fields(4) == [5, 14, 32, 68, 140]
     assert hw.encoder_receptive_fields(2, convs=1) == [3, 8, 18]
 
 
 def test_check_receptive_fields_passes_the_solution_and_fails_wrong_ones(hw, capsys):
     hw.check_receptive_fields(hw.encoder_receptive_fields)
-    assert "✓ Exercise 4.2" in capsys.readouterr().out
+    assert "✓ Exercise 4.3" in capsys.readouterr().out
 
     def no_jump(depth):  # every 3×3 conv adds 2 pixels, whatever the resolution
         return [1 + 4 * (level + 1) + level for level in range(depth + 1)]
@@ -230,8 +235,12 @@ def test_check_receptive_fields_passes_the_solution_and_fails_wrong_ones(hw, cap
     def bottleneck_missing(depth):
         return hw.encoder_receptive_fields(depth)[:-1]
 
-    for wrong, hint in [(no_jump, "jump"), (pool_ignored, "pool adds"), (bottleneck_missing, "bottleneck")]:
-        with pytest.raises(AssertionError, match=f"(?s)Exercise 4.2.*Hint:.*{hint}"):
+    def measures(depth):  # passes the values on by measuring them: not the exercise
+        return hw._measured_receptive_fields(depth)
+
+    for wrong, hint in [(no_jump, "jump"), (pool_ignored, "pool adds"), (bottleneck_missing, "bottleneck"),
+                        (measures, "compute it")]:
+        with pytest.raises(AssertionError, match=f"(?s)Exercise 4.3.*Hint:.*{hint}"):
             hw.check_receptive_fields(wrong)
 
 
@@ -352,7 +361,7 @@ def test_match_counts_against_brute_force(hw):
 
 def test_check_iou_matrix_passes_the_solution_and_fails_wrong_ones(hw, capsys):
     hw.check_iou_matrix(hw.iou_matrix)
-    assert "✓ Exercise 4.3" in capsys.readouterr().out
+    assert "✓ Exercise 4.2" in capsys.readouterr().out
 
     def relabel(pred, true):
         pred_ids, p = np.unique(pred, return_inverse=True)
@@ -378,7 +387,7 @@ def test_check_iou_matrix_passes_the_solution_and_fails_wrong_ones(hw, capsys):
 
     for wrong, hint in [(union_without_minus, "− intersection"), (axes_swapped, "row sum|last line of the error"),
                         (intersection_only, "union")]:
-        with pytest.raises(AssertionError, match=f"(?s)Exercise 4.3.*Hint:.*({hint})"):
+        with pytest.raises(AssertionError, match=f"(?s)Exercise 4.2.*Hint:.*({hint})"):
             hw.check_iou_matrix(wrong)
 
 
@@ -476,9 +485,9 @@ def test_tune_instances_picks_the_best_setting_by_brute_force(hw):
     mask[disk(shape, 20, 20, 9)] = 1
     mask[disk(shape, 20, 36, 9) & (mask == 0)] = 2
     prob = np.stack(hw.seg_targets(mask, boundary_px=2))
-    cfg = dict(ws_h_grid=[1.0, 50.0], min_size_grid=[0, 10])
+    cfg = dict(ws_h_grid=[1.0, 50.0], seed_grid=[0.5, 0.9], min_size_grid=[0, 10])
     best, table = hw.tune_instances([prob], [mask], cfg)
-    assert len(table) == (2 + 2) * 2
+    assert len(table) == (1 + 2 + 2) * 2
     for (m, h, s), ap in table.items():
         assert ap == pytest.approx(hw.mean_ap([hw.to_instances(prob, m, h, s)], [mask]))
     assert table[(best["method"], best["h"], best["min_size"])] == max(table.values()) == 1.0
