@@ -106,20 +106,22 @@ def test_channel_stats_and_normalize_match_numpy(hw):
 # ---------------------------------------------------------------- augmentation
 
 
-def test_crop_flip_outputs_are_windows_of_the_padded_image(hw):
+def test_crop_flip_outputs_are_windows_of_the_reflection_padded_image(hw):
     from torchvision.transforms.functional import hflip
 
     x = torch.randn(16, 3, 8, 8)
     out = hw.random_crop_flip(x, pad=2, flip=True, generator=torch.Generator().manual_seed(0))
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    flips = 0
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect"))
+    flips, offsets = 0, set()
     for i in range(len(x)):
-        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy, dx in itertools.product(range(5), range(5))]
-        plain = any(torch.equal(out[i], w) for w in windows)
-        mirrored = any(torch.equal(out[i], hflip(w)) for w in windows)
+        windows = {(dy, dx): padded[i, :, dy:dy + 8, dx:dx + 8] for dy, dx in itertools.product(range(5), range(5))}
+        plain = [k for k, w in windows.items() if torch.equal(out[i], w)]
+        mirrored = [k for k, w in windows.items() if torch.equal(out[i], hflip(w))]
         assert plain or mirrored, f"image {i} is not a (flipped) crop"
-        flips += mirrored and not plain
+        flips += bool(mirrored) and not plain
+        offsets.add((plain or mirrored)[0])
     assert 0 < flips < len(x), "about half the images should be flipped"
+    assert len(offsets) > 3, "the shifts differ from image to image"
     assert torch.equal(hw.random_crop_flip(x, 0, False), x)
 
 
@@ -145,7 +147,7 @@ def test_mlp_matches_torch_functional(hw):
     x = torch.randn(6, 3, 4, 4)
     h = x.flatten(1)
     for linear, norm in zip(model.linears, model.norms):
-        h = F.relu(F.batch_norm(F.linear(h, linear.weight), norm.running_mean, norm.running_var, norm.weight,
+        h = F.gelu(F.batch_norm(F.linear(h, linear.weight), norm.running_mean, norm.running_var, norm.weight,
                                 norm.bias, eps=norm.eps))
     torch.testing.assert_close(model(x), F.linear(h, model.head.weight, model.head.bias))
 
@@ -277,7 +279,7 @@ def test_profile_models_build_and_take_a_step(hw, profile):
         assert hist["steps_run"] == 1 and np.isfinite(hist["train_loss"][0])
     for config in hw.sample_configs(cfg["search_space"], cfg["search_trials"], cfg["seed"]):
         assert set(config) <= set(cfg["recipe"]), "the search varies recipe keys only"
-    assert cfg["explore_size"] >= cfg["overfit_size"] and cfg["final_steps"] % cfg["final_eval_every"] == 0
+    assert cfg["short_steps"] * 4 <= cfg["final_steps"] and cfg["final_steps"] % 10 == 0
 
 
 # ---------------------------------------------------------------- the fp16 path (a T4), run on the CPU
@@ -399,7 +401,7 @@ def test_ablation_decision_by_the_paired_rule_and_ties_go_to_the_simpler_recipe(
 
 def test_checks_pass_on_the_notebooks_solutions(hw, capsys):
     hw.check_stratified_split(hw.stratified_split)
-    hw.check_mlp_forward(hw.MLP)
+    hw.check_mlp(hw.MLP)
     hw.check_train_step(hw.train_step)
     hw.check_early_stopping(hw.EarlyStopping)
     hw.check_experiment(hw.shuffle_pixels, "same", "an MLP has no notion of neighbouring pixels")
@@ -449,18 +451,25 @@ def test_split_check_catches(hw, wrong, diagnosis):
         hw.check_stratified_split(wrong)
 
 
-def _mlp_variant(hw, forward):
-    return type("WrongMLP", (hw.MLP,), {"forward": forward})
+def _mlp_variant(hw, forward=None, init=None):
+    return type("WrongMLP", (hw.MLP,), {k: v for k, v in (("forward", forward), ("__init__", init)) if v})
 
 
-def relu_before_norm(self, x):
+def gelu_before_norm(self, x):
     h = x.flatten(1)
     for linear, norm in zip(self.linears, self.norms):
-        h = self.dropout(norm(F.relu(linear(h))))
+        h = self.dropout(norm(F.gelu(linear(h))))
     return self.head(h)
 
 
-def no_relu(self, x):
+def relu_not_gelu(self, x):
+    h = x.flatten(1)
+    for linear, norm in zip(self.linears, self.norms):
+        h = self.dropout(F.relu(norm(linear(h))))
+    return self.head(h)
+
+
+def no_nonlinearity(self, x):
     h = x.flatten(1)
     for linear, norm in zip(self.linears, self.norms):
         h = self.dropout(norm(linear(h)))
@@ -470,40 +479,59 @@ def no_relu(self, x):
 def no_dropout(self, x):
     h = x.flatten(1)
     for linear, norm in zip(self.linears, self.norms):
-        h = F.relu(norm(linear(h)))
+        h = F.gelu(norm(linear(h)))
     return self.head(h)
 
 
-def relu_on_logits(self, x):
+def gelu_on_logits(self, x):
     h = x.flatten(1)
     for linear, norm in zip(self.linears, self.norms):
-        h = self.dropout(F.relu(norm(linear(h))))
-    return F.relu(self.head(h))
+        h = self.dropout(F.gelu(norm(linear(h))))
+    return F.gelu(self.head(h))
 
 
 def detached_head(self, x):
     h = x.flatten(1)
     for linear, norm in zip(self.linears, self.norms):
-        h = self.dropout(F.relu(norm(linear(h))))
+        h = self.dropout(F.gelu(norm(linear(h))))
     return self.head(h.detach())
 
 
-@pytest.mark.parametrize("forward, diagnosis", [
-    (relu_before_norm, r"batchnorm=True: logits"),
-    (no_relu, r"batchnorm=False: logits"),
-    (relu_on_logits, r"batchnorm=False: logits .* by hand \[-3.0, -1.0\]"),
-    (no_dropout, "dropout is missing"),
-    (detached_head, "some parameters get no gradient"),
+def _init(bias_before_norm=False, plain_list=False, every_width_from_input=False):
+    """Wrong versions of MLP.__init__: a bias before batch norm, a plain list, every layer from the input."""
+    def init(self, widths, n_classes=10, in_features=3072, batchnorm=False, dropout=0.0):
+        torch.nn.Module.__init__(self)
+        linears, norms, fan_in = [], [], in_features
+        for width in widths:
+            linears.append(torch.nn.Linear(fan_in, width, bias=bias_before_norm or not batchnorm))
+            norms.append(torch.nn.BatchNorm1d(width) if batchnorm else torch.nn.Identity())
+            fan_in = in_features if every_width_from_input else width
+        self.linears = linears if plain_list else torch.nn.ModuleList(linears)
+        self.norms = norms if plain_list else torch.nn.ModuleList(norms)
+        self.dropout, self.head = torch.nn.Dropout(dropout), torch.nn.Linear(widths[-1], n_classes)
+    return init
+
+
+@pytest.mark.parametrize("forward, init, diagnosis", [
+    (gelu_before_norm, None, r"batchnorm=True: logits"),
+    (relu_not_gelu, None, r"batchnorm=False: logits"),
+    (no_nonlinearity, None, r"batchnorm=False: logits"),
+    (gelu_on_logits, None, r"batchnorm=False: logits .* by hand \[-3.1365, -1.1365\]"),
+    (no_dropout, None, "dropout is missing"),
+    (detached_head, None, "some parameters get no gradient"),
+    (None, _init(bias_before_norm=True), r"batchnorm=True: 82 parameters; by formula 74"),
+    (None, _init(plain_list=True), r"batchnorm=True: 8 parameters; by formula 74"),
+    (None, _init(every_width_from_input=True), r"batchnorm=True: 80 parameters; by formula 74"),
 ])
-def test_mlp_check_catches(hw, forward, diagnosis):
+def test_mlp_check_catches(hw, forward, init, diagnosis):
     with pytest.raises(hw.ExerciseError, match=diagnosis):
-        hw.check_mlp_forward(_mlp_variant(hw, forward))
+        hw.check_mlp(_mlp_variant(hw, forward, init))
 
 
 def test_mlp_check_hint_does_not_give_the_code_away(hw):
     with pytest.raises(hw.ExerciseError) as err:
-        hw.check_mlp_forward(_mlp_variant(hw, relu_before_norm))
-    assert "F.relu" not in str(err.value) and "flatten(1)" not in str(err.value)
+        hw.check_mlp(_mlp_variant(hw, gelu_before_norm))
+    assert "F.gelu" not in str(err.value) and "flatten(1)" not in str(err.value)
 
 
 def _step(hw, smoothing=True, step=True, twice=False, argmax_dim=1, plain_step=False):
