@@ -153,6 +153,18 @@ def test_student_edition_holds_no_solution(name):
 
 
 @pytest.mark.parametrize("name", WITH_EXERCISES)
+def test_student_edition_links_resolve_from_its_folder(name):
+    """A relative link in student/N.ipynb points to a file that exists, seen from student/."""
+    import re
+
+    nb = nbformat.read(ROOT / "student" / name, as_version=4)
+    targets = [t for c in nb.cells if c.cell_type == "markdown"
+               for t in re.findall(r"\]\(([^)#]+)\)", c.source) if not t.startswith(("http:", "https:"))]
+    missing = [t for t in targets if not (ROOT / "student" / t).resolve().exists()]
+    assert targets and not missing, f"student/{name}: links {missing} do not resolve from student/"
+
+
+@pytest.mark.parametrize("name", WITH_EXERCISES)
 def test_student_edition_stops_at_its_first_exercise(name):
     """Run top to bottom in `smoke`: every cell before the first exercise runs; it stops there, with its name."""
     from nbclient import NotebookClient

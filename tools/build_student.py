@@ -124,6 +124,8 @@ def student_edition(nb, name: str):
             cells.append(nbformat.v4.new_markdown_cell(YOUR_ANSWER, metadata={"tags": ["your-answer"]}))
             cells[-1].id = f"your-answer-{i}"
             continue
+        if cell.cell_type == "markdown":  # links relative to the repository root, seen from student/
+            cell.source = re.sub(r"\]\((?!https?:|#|\.\./)([^)]+)\)", r"](../\1)", cell.source)
         if cell.cell_type == "code":
             cell.source, found = clear_solutions(cell.source, f"{name} cell {i}")
             labels += found

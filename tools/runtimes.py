@@ -60,9 +60,12 @@ def runtime_block(entries: dict) -> str:
 
 
 def header_line(entries: dict) -> str:
-    parts = " · ".join(f"`{p}` {short(entries.get(p), p)}" for p in PROFILES)
-    return (f"**Runtime** (measured runs that trained every model): {parts}. A run whose trained models are in "
-            "the run store (see the README) takes a fraction of that.")
+    data = (entries.get("cpu") or {}).get("data")
+    parts = " · ".join(f"`{p}` {short(entries.get(p), p)}" + (f" on {data}" if p == "cpu" and data else "")
+                       for p in PROFILES)
+    return (f"**Runtime** (measured runs that trained every model): {parts}. Reference minutes are minutes on "
+            "the course's reference machine (2 CPU cores with native bf16); the README says how to convert your "
+            "machine's. A run whose trained models are in the run store (see the README) takes a fraction of that.")
 
 
 def readme_table(data: dict) -> str:
