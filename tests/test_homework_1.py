@@ -517,7 +517,7 @@ def _init(bias_before_norm=False, plain_list=False, every_width_from_input=False
     (relu_not_gelu, None, r"batchnorm=False: logits"),
     (no_nonlinearity, None, r"batchnorm=False: logits"),
     (gelu_on_logits, None, r"batchnorm=False: logits .* by hand \[-3.1365, -1.1365\]"),
-    (no_dropout, None, "dropout is missing"),
+    (no_dropout, None, "no dropout"),
     (detached_head, None, "some parameters get no gradient"),
     (None, _init(bias_before_norm=True), r"batchnorm=True: 82 parameters; by formula 74"),
     (None, _init(plain_list=True), r"batchnorm=True: 8 parameters; by formula 74"),
