@@ -1,5 +1,5 @@
 # %%
-# @title CIFAR-10 1/2: where it comes from (DLCV_DATA_DIR, Kaggle input, cache, torchvision)
+# @title CIFAR-10 1/3: where it comes from (DLCV_DATA_DIR, Kaggle input, cache, torchvision)
 import pickle
 import socket
 
@@ -52,7 +52,7 @@ def find_cifar10(folders: dict, kaggle_root="/kaggle/input") -> tuple:
 
 
 # %%
-# @title CIFAR-10 2/2: class folders or the official batches (a broken file is named)
+# @title CIFAR-10 2/3: class folders or the official batches (a broken file is named)
 def read_cifar_split(folder, split: str, cap=None, seed: int = 0) -> tuple:
     """(uint8 images (N, 3, 32, 32), int64 labels, images available); `cap`: a stratified random
     sample, and from class folders only the sampled images are decoded."""
@@ -109,6 +109,8 @@ def read_cifar_split(folder, split: str, cap=None, seed: int = 0) -> tuple:
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[keep]), len(labels)
 
 
+# %%
+# @title CIFAR-10 3/3: both splits, capped by a seeded sample
 def load_cifar10(folder, max_train=None, max_test=None, seed: int = 0) -> dict:
     """{x_train, y_train, x_test, y_test, n_train_available, n_test_available} from a located
     folder."""
