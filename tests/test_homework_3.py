@@ -44,23 +44,16 @@ def _fp32(hw):
 
 
 # ------------------------------------------------------------------------------ checkpoints: formats, key by key
-def _authors_format(arch="resnet18", seed=0) -> tuple[dict, dict]:
-    """(a checkpoint keyed as the RadImageNet authors' `backbone` Sequential of the first nine children, the
-    torchvision state_dict it came from). ResNet-18 has resnet50's child names, so it stands in, smaller."""
+def _torchvision_format(arch="resnet18", seed=0) -> dict:
+    """A checkpoint under torchvision's own names (ResNet-18 stands in for ResNet-50: the same child names)."""
     torch.manual_seed(seed)
-    net = getattr(torchvision.models, arch)(weights=None)
-    backbone = torch.nn.Sequential(*list(net.children())[:9])  # their acl_pytorch_train.ipynb
-    return {f"backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}, net.state_dict()
-
-
-def test_resnet50_children_are_torchvisions(hw):
-    assert hw.RESNET50_CHILDREN == tuple(n for n, _ in torchvision.models.resnet50(weights=None).named_children())
+    return getattr(torchvision.models, arch)(weights=None).state_dict()
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module.", "_orig_mod."])
 def test_each_checkpoint_format_maps_onto_torchvision_exactly(hw, wrap):
-    ckpt, ref = _authors_format()
-    ckpt["head.weight"] = torch.zeros(165, 512)  # another task's head beside the backbone: not ours, ignored
+    ref = _torchvision_format()
+    ckpt = {k: v.clone() for k, v in ref.items()}
     if wrap in ("module.", "_orig_mod."):
         ckpt = {wrap + k: v for k, v in ckpt.items()}
     elif wrap != "plain":
@@ -68,34 +61,28 @@ def test_each_checkpoint_format_maps_onto_torchvision_exactly(hw, wrap):
     state = hw.backbone_state(ckpt, "resnet18", "test.pt")
     assert sorted(state) == sorted(k for k in ref if not k.startswith("fc."))
     assert all(torch.equal(state[k], ref[k]) for k in state)
-    model = hw.build_model("radimagenet", "resnet18", state_dict=state)
+    model = hw.build_model("imagenet", "resnet18", state_dict=state)
     assert torch.equal(model.backbone.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
 
 
-def test_torchvision_names_with_their_own_head_load_too(hw):
-    torch.manual_seed(1)
-    ref = torchvision.models.resnet18(weights=None).state_dict()  # what the ImageNet file holds: fc has 1000 rows
-    state = hw.backbone_state(ref, "resnet18", "resnet18-f37072fd.pth")
-    assert "fc.weight" not in state and torch.equal(state["bn1.running_var"], ref["bn1.running_var"])
-
-
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.pop("backbone.7.1.conv2.weight"), r"1 missing \['layer4\.1\.conv2\.weight'\]"),
-    (lambda c: c.update({"backbone.5.0.conv2.weight": torch.zeros(128, 128, 1, 1)}),
+    (lambda c: c.pop("layer4.1.conv2.weight"), r"1 missing \['layer4\.1\.conv2\.weight'\]"),
+    (lambda c: c.update({"layer2.0.conv2.weight": torch.zeros(128, 128, 1, 1)}),
      r"1 misshapen \['layer2\.0\.conv2\.weight'\]"),
-    (lambda c: c.update({"backbone.2.weight": torch.zeros(3)}), r"1 unexpected \['relu\.weight'\]"),
+    (lambda c: c.update({"relu.weight": torch.zeros(3)}), r"1 unexpected \['relu\.weight'\]"),
 ])
 def test_a_checkpoint_that_does_not_fit_is_refused_by_name(hw, change, message):
-    ckpt, _ = _authors_format()
+    ckpt = _torchvision_format()
     change(ckpt)
     with pytest.raises(ValueError, match=message):
         hw.backbone_state(ckpt, "resnet18", "test.pt")
 
 
 def test_batchnorm_counters_may_be_absent_and_a_non_state_dict_is_refused(hw):
-    ckpt, ref = _authors_format()
-    state = hw.backbone_state({k: v for k, v in ckpt.items() if "num_batches" not in k}, "resnet18", "t.pt")
-    assert torch.equal(state["layer1.0.bn1.num_batches_tracked"], ref["layer1.0.bn1.num_batches_tracked"])
+    ref = _torchvision_format()
+    state = hw.backbone_state({k: v for k, v in ref.items() if "num_batches" not in k}, "resnet18", "t.pt")
+    assert "fc.weight" not in state and torch.equal(state["bn1.running_var"], ref["bn1.running_var"])
+    assert state["layer1.0.bn1.num_batches_tracked"].item() == 0
     for junk in ([1, 2], {"a": 1}):
         with pytest.raises(ValueError, match="not a state_dict of tensors"):
             hw.backbone_state(junk, "resnet18", "t.pt")
@@ -103,7 +90,7 @@ def test_batchnorm_counters_may_be_absent_and_a_non_state_dict_is_refused(hw):
 
 def test_each_family_uses_its_authors_preprocessing(hw):
     pixels = torch.tensor([0.0, 127.5, 255.0])
-    rad = hw.build_model("radimagenet", "resnet18")
+    rad = hw.build_model("radimagenet", "resnet50")
     ours = ((pixels / 255).view(3, 1, 1, 1).expand(-1, 3, -1, -1) - rad.mean) / rad.std
     assert torch.allclose(ours[:, :, 0, 0], ((pixels - 127.5) * 2 / 255).view(3, 1).expand(3, 3))  # [-1, 1]
     img = hw.build_model("imagenet", "resnet50")
@@ -117,6 +104,112 @@ def test_each_family_uses_its_authors_preprocessing(hw):
         hw.build_model("photos", "resnet18")
 
 
+# ------------------------------------------------------------------ RadImageNet: the official Keras file
+KERAS_STAGES = ((3, 64), (4, 128), (6, 256), (3, 512))  # keras.applications.ResNet50: blocks and widths
+
+
+def _keras_layers(seed=0) -> dict:
+    """{layer: {weight: array}} of a Keras ResNet50 with random weights, under Keras' own layer names."""
+    rng, layers = np.random.default_rng(seed), {}
+
+    def conv_bn(name, k, cin, cout):
+        f32 = lambda a: a.astype(np.float32)  # noqa: E731
+        layers[name + "_conv"] = dict(kernel=f32(rng.normal(0, (2 / (k * k * cin)) ** 0.5, (k, k, cin, cout))),
+                                      bias=f32(rng.normal(0, 0.2, cout)))
+        layers[name + "_bn"] = dict(gamma=f32(rng.uniform(0.3, 0.8, cout)), beta=f32(rng.normal(0, 0.1, cout)),
+                                    moving_mean=f32(rng.normal(0, 0.2, cout)),
+                                    moving_variance=f32(rng.uniform(0.5, 1.5, cout)))
+
+    conv_bn("conv1", 7, 3, 64)
+    cin = 64
+    for s, (blocks, w) in enumerate(KERAS_STAGES, 2):
+        for b in range(1, blocks + 1):
+            name = f"conv{s}_block{b}"
+            if b == 1:
+                conv_bn(name + "_0", 1, cin, 4 * w)
+            conv_bn(name + "_1", 1, cin if b == 1 else 4 * w, w)
+            conv_bn(name + "_2", 3, w, w)
+            conv_bn(name + "_3", 1, w, 4 * w)
+        cin = 4 * w
+    return layers
+
+
+def _write_keras_h5(path, layers, full_model=True):
+    """The layout Keras writes: (model_weights/)<layer>/<layer>/<weight>:0, the names listed in attrs."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        root = f.create_group("model_weights") if full_model else f
+        root.attrs["layer_names"] = [n.encode() for n in ["input_1", *layers]]
+        root.create_group("input_1").attrs["weight_names"] = []
+        for name, weights in layers.items():
+            g = root.create_group(name)
+            g.attrs["weight_names"] = [f"{name}/{w}:0".encode() for w in weights]
+            for w, a in weights.items():
+                g.create_dataset(f"{name}/{w}:0", data=a)
+
+
+def _keras_forward(layers, x):
+    """Keras' ResNet50 (v1) computed from the arrays as Keras defines it: a convolution with a bias over HWIO
+    kernels (as an explicit sum over unfolded patches), batch norm with epsilon 1.001e-5, the stride in the first
+    1×1 convolution of a block, zero padding before the max pool; global average pooling at the end."""
+    def conv_bn(x, name, stride=1, pad=0):
+        k, bias = (torch.from_numpy(layers[name + "_conv"][w]) for w in ("kernel", "bias"))
+        x = torch.nn.functional.pad(x, (pad,) * 4)
+        cols = torch.nn.functional.unfold(x, k.shape[0], stride=stride)
+        side = (x.shape[-1] - k.shape[0]) // stride + 1
+        out = torch.einsum("hwio,bihwl->bol", k, cols.view(x.shape[0], k.shape[2], k.shape[0], k.shape[1], -1))
+        out = (out + bias.view(1, -1, 1)).view(x.shape[0], -1, side, side)
+        bn = {w: torch.from_numpy(a).view(1, -1, 1, 1) for w, a in layers[name + "_bn"].items()}
+        return bn["gamma"] * (out - bn["moving_mean"]) / torch.sqrt(bn["moving_variance"] + 1.001e-5) + bn["beta"]
+
+    x = torch.relu(conv_bn(x, "conv1", stride=2, pad=3))
+    x = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (1,) * 4), 3, 2)
+    for s, (blocks, _) in enumerate(KERAS_STAGES, 2):
+        for b in range(1, blocks + 1):
+            name, stride = f"conv{s}_block{b}", 2 if b == 1 and s > 2 else 1
+            short = conv_bn(x, name + "_0", stride) if b == 1 else x
+            h = torch.relu(conv_bn(x, name + "_1", stride))
+            h = torch.relu(conv_bn(h, name + "_2", pad=1))
+            x = torch.relu(conv_bn(h, name + "_3") + short)
+    return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("full_model", [True, False])
+def test_the_keras_release_converts_to_the_same_function(hw, hub, tmp_path, full_model):
+    layers = _keras_layers()
+    hub.mkdir(parents=True)
+    _write_keras_h5(hub / hw.RADIMAGENET_H5, layers, full_model)
+    state, note = hw.pretrained_state("radimagenet", "resnet50", offline=True)
+    assert hashlib.sha256((hub / hw.RADIMAGENET_H5).read_bytes()).hexdigest() in note
+    model = hw.build_model("radimagenet", "resnet50", state_dict=state).backbone.eval()
+    model.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = _keras_forward(layers, x), model(x)
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+    plain = torchvision.models.resnet50(weights=None)  # torchvision's strides, the same weights: another function
+    plain.load_state_dict(state, strict=False)
+    plain.fc = torch.nn.Identity()
+    with torch.no_grad():
+        assert not torch.allclose(plain.eval()(x), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_a_keras_file_that_is_broken_or_incomplete_is_unavailable_with_the_fix(hw, hub, tmp_path):
+    with pytest.raises(hw.WeightsUnavailable, match=r"RadImageNet-ResNet50_notop\.h5 is not in .*official release"):
+        hw.pretrained_state("radimagenet", "resnet50", offline=False)
+    layers = _keras_layers()
+    del layers["conv4_block2_3_bn"]
+    hub.mkdir(parents=True)
+    _write_keras_h5(hub / hw.RADIMAGENET_H5, layers)
+    with pytest.raises(hw.WeightsUnavailable, match=r"no layer 'conv4_block2_3_bn'.*Fix"):
+        hw.pretrained_state("radimagenet", "resnet50", offline=True)
+    (hub / hw.RADIMAGENET_H5).write_bytes(b"not an HDF5 file" * 100)
+    with pytest.raises(hw.WeightsUnavailable, match="Fix: the official file"):
+        hw.pretrained_state("radimagenet", "resnet50", offline=True)
+    with pytest.raises(hw.WeightsUnavailable, match="ResNet-50 only"):
+        hw.pretrained_state("radimagenet", "resnet18", offline=True)
+
+
 # ------------------------------------------------------------------ checkpoints: downloads from 127.0.0.1
 def _bytes(obj, tmp_path) -> bytes:
     torch.save(obj, tmp_path / "made.pt")
@@ -124,8 +217,8 @@ def _bytes(obj, tmp_path) -> bytes:
 
 
 def test_a_download_is_checked_used_and_then_served_from_the_cache(hw, hub, loopback, tmp_path):
-    ckpt, ref = _authors_format(seed=2)  # RadImageNet's format, in a ResNet-18 (fetched as torchvision's would be)
-    body = _bytes(ckpt, tmp_path)
+    ref = _torchvision_format(seed=2)  # torchvision's format, as its ImageNet files hold it
+    body = _bytes(ref, tmp_path)
     name = f"resnet18-{hashlib.sha256(body).hexdigest()[:8]}.pth"  # torchvision's naming: the hash prefix
     loopback.routes[f"/{name}"] = (body, None)
     state, note = hw.pretrained_state("imagenet", "resnet18", offline=False, url=f"{loopback.url}/{name}")
@@ -137,36 +230,32 @@ def test_a_download_is_checked_used_and_then_served_from_the_cache(hw, hub, loop
 
 
 def test_truncated_corrupt_mismatched_or_pickled_files_are_not_trusted(hw, hub, loopback, tmp_path):
-    tiny = {"backbone.0.weight": torch.zeros(2, 3)}
+    tiny = {"conv1.weight": torch.zeros(2, 3)}
     body = _bytes(tiny, tmp_path)
-    loopback.routes["/cut/ResNet50.pt"] = (body[: len(body) // 2], len(body))  # the connection drops half-way
-    loopback.routes["/junk/ResNet50.pt"] = (b"PK\x03\x04 not a checkpoint" * 50, None)  # complete, but garbage
+    loopback.routes["/cut/resnet18-aaaa1111.pth"] = (body[: len(body) // 2], len(body))  # drops half-way
+    loopback.routes["/junk/resnet18-bbbb2222.pth"] = (b"PK\x03\x04 not a checkpoint" * 50, None)  # garbage
     loopback.routes["/resnet18-0000abcd.pth"] = (body, None)  # its hash is not the one in its name
-    loopback.routes["/pickled/ResNet50.pt"] = (_bytes(torch.nn.Linear(2, 2), tmp_path), None)  # a model object
-    cases = [("radimagenet", "/cut/ResNet50.pt", "IncompleteRead|ContentTooShort|incomplete|Error"),
-             ("radimagenet", "/junk/ResNet50.pt", "ResNet50.pt: .*Error"),
-             ("imagenet", "/resnet18-0000abcd.pth", "invalid hash value"),
-             ("radimagenet", "/pickled/ResNet50.pt", "a pickled model object, not a state_dict: refused"),
-             ("radimagenet", "/gone/ResNet50.pt", "404")]
-    for family, path, why in cases:
-        arch = "resnet18" if family == "imagenet" else "resnet50"
+    loopback.routes["/pickled/resnet18.pth"] = (_bytes(torch.nn.Linear(2, 2), tmp_path), None)  # a model object
+    cases = [("/cut/resnet18-aaaa1111.pth", "IncompleteRead|ContentTooShort|incomplete|Error"),
+             ("/junk/resnet18-bbbb2222.pth", "invalid hash value|Error"),
+             ("/resnet18-0000abcd.pth", "invalid hash value"),
+             ("/pickled/resnet18.pth", "a pickled model object, not a state_dict: refused"),
+             ("/gone/resnet18.pth", "404")]
+    for path, why in cases:
         with pytest.raises(hw.WeightsUnavailable, match=why):
-            hw.pretrained_state(family, arch, offline=False, url=f"{loopback.url}{path}")
+            hw.pretrained_state("imagenet", "resnet18", offline=False, url=f"{loopback.url}{path}")
         assert not hub.exists() or not list(hub.iterdir()), f"{path}: a file that failed was left in the cache"
 
 
 def test_a_checkpoint_that_does_not_fit_is_unavailable_with_the_fix(hw, hub, loopback, tmp_path):
-    loopback.routes["/ResNet50.pt"] = (_bytes({"backbone.0.weight": torch.zeros(2, 3)}, tmp_path), None)
+    loopback.routes["/resnet50.pth"] = (_bytes({"conv1.weight": torch.zeros(2, 3)}, tmp_path), None)
     with pytest.raises(hw.WeightsUnavailable, match=r"does not fit torchvision's resnet50.*Fix: delete"):
-        hw.pretrained_state("radimagenet", "resnet50", offline=False, url=f"{loopback.url}/ResNet50.pt")
+        hw.pretrained_state("imagenet", "resnet50", offline=False, url=f"{loopback.url}/resnet50.pth")
 
 
-def test_offline_without_a_cached_file_and_radimagenet_resnet18(hw, hub):
-    for family in ("imagenet", "radimagenet"):
-        with pytest.raises(hw.WeightsUnavailable, match="DLCV_OFFLINE=1 forbids a download"):
-            hw.pretrained_state(family, "resnet50", offline=True)
-    with pytest.raises(hw.WeightsUnavailable, match="ResNet-50 only"):
-        hw.pretrained_state("radimagenet", "resnet18", offline=True)
+def test_offline_without_a_cached_file(hw, hub):
+    with pytest.raises(hw.WeightsUnavailable, match="DLCV_OFFLINE=1 forbids a download"):
+        hw.pretrained_state("imagenet", "resnet50", offline=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -347,7 +436,7 @@ def _groups(model, rates):
 
 def test_check_finetune_setup_passes_the_solution_and_catches_wrong_ones(hw, capsys):
     hw.check_finetune_setup(hw.finetune_setup)
-    assert "✓ Exercise 3.1" in capsys.readouterr().out
+    assert "✓ Exercise 3.2" in capsys.readouterr().out
     everything = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
     def wrong(exponent_shift=0, set_frozen=True, reset=True, freeze_layer1=True):
@@ -378,32 +467,61 @@ def test_check_finetune_setup_passes_the_solution_and_catches_wrong_ones(hw, cap
         return groups
 
     cases = [(wrong(exponent_shift=1), "closer a stage is to the head"), (wrong(set_frozen=False), "model.frozen"),
-             (wrong(reset=False), "an earlier set-up|a earlier set-up"),
-             (wrong(freeze_layer1=False), "switch requires_grad off|a frozen weight must not move"),
-             (bn_only_frozen_by_name, "switch requires_grad off")]
+             (wrong(reset=False), "a set-up before may have"),
+             (wrong(freeze_layer1=False), "requires_grad off outside|a frozen weight must not move"),
+             (bn_only_frozen_by_name, "requires_grad off outside")]
     for fn, hint in cases:
-        with pytest.raises(AssertionError, match=f"(?s)Exercise 3.1.*Hint: .*({hint})"):
+        with pytest.raises(AssertionError, match=f"(?s)Exercise 3.2.*Hint: .*({hint})"):
             hw.check_finetune_setup(fn)
 
 
 def test_check_gradcam_weighting_passes_the_solution_and_catches_wrong_ones(hw, capsys):
     hw.check_gradcam_weighting(hw.gradcam_weighting)
-    assert "✓ Exercise 3.3" in capsys.readouterr().out
+    assert "✓ Exercise 3.4" in capsys.readouterr().out
     relu = torch.nn.functional.relu
     cases = [(lambda a, g: (g.mean(dim=(2, 3), keepdim=True) * a).sum(1), "evidence FOR"),
              (lambda a, g: relu((g.mean(dim=1, keepdim=True) * a).sum(1)), "AVERAGED over the positions"),
              (lambda a, g: relu((g * a).sum(1)), "AVERAGED over the positions"),
+             (lambda a, g: relu((g.sum(dim=(2, 3), keepdim=True) * a).sum(1)), "AVERAGED over the positions"),
+             (lambda a, g: relu((g.mean(dim=(2, 3), keepdim=True) * a).mean(1)), "AVERAGED over the positions"),
              (lambda a, g: relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True)), "channel axis")]
     for fn, hint in cases:
-        with pytest.raises(AssertionError, match=f"(?s)Exercise 3.3.*Hint: .*{hint}"):
+        with pytest.raises(AssertionError, match=f"(?s)Exercise 3.4.*Hint: .*{hint}"):
             hw.check_gradcam_weighting(fn)
 
 
 @pytest.mark.parametrize("prediction", [None, {"short": "linear_probe"}, {"short": "probe", "long": "discriminative"},
                                         {"short": "linear_probe", "long": "scratch"}])
-def test_check_prediction_refuses_what_is_not_a_prediction(hw, prediction):
-    with pytest.raises(AssertionError, match="Exercise 3.2"):
-        hw.check_prediction(prediction)
+def test_check_prediction_refuses_what_is_not_a_prediction(hw, prediction, capsys):
+    hw.check_prediction({"short": "linear_probe", "long": "discriminative"}, ("short", "long"), hw.STRATEGIES, "Ex 3.3")
+    assert "✓ Ex 3.3" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="Exercise 3.3"):
+        hw.check_prediction(prediction, ("short", "long"), hw.STRATEGIES, "Exercise 3.3")
+    with pytest.raises(AssertionError, match="Exercise 3.5"):
+        hw.check_prediction({"lung_blind_vs_headline": "same"}, ("lung_blind_vs_headline",),
+                            ("worse", "tie", "better"), "Exercise 3.5")
+
+
+def test_check_balanced_scores_passes_the_solution_and_catches_wrong_ones(hw, capsys):
+    hw.check_balanced_scores(hw.balanced_scores)
+    assert "✓ Exercise 3.1" in capsys.readouterr().out
+
+    def per_class_only(y, p):  # 1/n_c: sums to the recalls, its mean is not their mean
+        counts = np.bincount(y, minlength=3)
+        return (p == y) / counts[y]
+
+    def always_three_classes(y, p):  # K = 3 even when a class is absent
+        counts = np.bincount(y, minlength=3)
+        return (p == y) * len(y) / (3 * counts[y])
+
+    cases = [(lambda y, p: (p == y).astype(float), "rare class must earn more"),
+             (per_class_only, "rare class must earn more"),
+             (always_three_classes, r"classes \(0, 2\).*count only the classes present"),
+             (lambda y, p: np.ones(len(y)), "a wrong prediction scored more than 0"),
+             (lambda y, p: (p == y).mean(), "one score per image")]
+    for fn, hint in cases:
+        with pytest.raises(AssertionError, match=f"(?s)Exercise 3.1.*{hint}"):
+            hw.check_balanced_scores(fn)
 
 
 # ------------------------------------------------------------------------------------- Grad-CAM, probes
