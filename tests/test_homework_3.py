@@ -175,7 +175,7 @@ def _keras_forward(layers, x):
 
 
 @pytest.mark.parametrize("full_model", [True, False])
-def test_the_keras_release_converts_to_the_same_function(hw, hub, tmp_path, full_model):
+def test_the_keras_release_converts_to_the_same_function(hw, hub, full_model):
     layers = _keras_layers()
     hub.mkdir(parents=True)
     _write_keras_h5(hub / hw.RADIMAGENET_H5, layers, full_model)
@@ -194,7 +194,7 @@ def test_the_keras_release_converts_to_the_same_function(hw, hub, tmp_path, full
         assert not torch.allclose(plain.eval()(x), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
-def test_a_keras_file_that_is_broken_or_incomplete_is_unavailable_with_the_fix(hw, hub, tmp_path):
+def test_a_keras_file_that_is_broken_or_incomplete_is_unavailable_with_the_fix(hw, hub):
     with pytest.raises(hw.WeightsUnavailable, match=r"RadImageNet-ResNet50_notop\.h5 is not in .*official release"):
         hw.pretrained_state("radimagenet", "resnet50", offline=False)
     layers = _keras_layers()
@@ -492,11 +492,14 @@ def test_check_gradcam_weighting_passes_the_solution_and_catches_wrong_ones(hw, 
 
 @pytest.mark.parametrize("prediction", [None, {"short": "linear_probe"}, {"short": "probe", "long": "discriminative"},
                                         {"short": "linear_probe", "long": "scratch"}])
-def test_check_prediction_refuses_what_is_not_a_prediction(hw, prediction, capsys):
-    hw.check_prediction({"short": "linear_probe", "long": "discriminative"}, ("short", "long"), hw.STRATEGIES, "Ex 3.3")
-    assert "✓ Ex 3.3" in capsys.readouterr().out
+def test_check_prediction_refuses_what_is_not_a_prediction(hw, prediction):
     with pytest.raises(AssertionError, match="Exercise 3.3"):
         hw.check_prediction(prediction, ("short", "long"), hw.STRATEGIES, "Exercise 3.3")
+
+
+def test_check_prediction_passes_a_prediction_and_refuses_an_unknown_outcome(hw, capsys):
+    hw.check_prediction({"short": "linear_probe", "long": "discriminative"}, ("short", "long"), hw.STRATEGIES, "Ex 3.3")
+    assert "✓ Ex 3.3" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="Exercise 3.5"):
         hw.check_prediction({"lung_blind_vs_headline": "same"}, ("lung_blind_vs_headline",),
                             ("worse", "tie", "better"), "Exercise 3.5")
